@@ -1,0 +1,1 @@
+"""Learned policies (PPO agents, the activation predictor) and their plug-in adapters."""

@@ -1,0 +1,246 @@
+"""The Policy protocol: the one interface that the engine, the simulator and the env consult.
+
+A policy is a *scorer*. The cache (moe_env.cache.ExpertCacheState.route) is the only caller:
+
+- ``reset(spec, capacity)`` at the start of every sequence (caches start empty);
+- ``observe(event, cache)`` once per routed layer, before that layer's experts are acquired;
+- ``eviction_scores(layer, candidates, cache)`` when a slot must be freed: one score per candidate, the LOWEST
+  is evicted; ties go to the least recently used, then to the lowest expert id. Candidates never include an
+  expert that the current layer needs or one still in flight, so a policy cannot break the cache's invariants;
+- ``prefetch(event, cache)`` after the layer's experts are acquired: ``(layer, expert)`` pairs in priority order.
+
+Policies are found by name through the entry-point group ``moe_env.policies``; a spec is ``name`` or
+``name:arg`` where arg is ``k=v[,k=v...]`` (keyword arguments) or a bare value (the first positional argument,
+e.g. a checkpoint path: ``ppo:runs/x/policy.zip``).
+"""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from moe_env.errors import MoeEnvError
+
+ENTRY_POINT_GROUP = "moe_env.policies"
+
+
+class PolicyError(MoeEnvError):
+    """A policy returned something the cache cannot act on (wrong length, NaN, out-of-range expert)."""
+
+
+class PolicySpecError(MoeEnvError):
+    """A policy spec string names no known policy or cannot be parsed."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a policy may know about the model: shape of the routing problem and the size of one expert."""
+
+    num_layers: int
+    num_experts: int
+    top_k: int
+    expert_bytes: int = 0
+    name: str = ""
+
+
+@dataclass(frozen=True, eq=False)
+class RouteEvent:
+    """One routing decision of one MoE layer for one decode step (or one prefill chunk).
+
+    ``experts`` are accessed in the given order. ``gate_logits`` and ``lookahead_logits`` have shape
+    [num_experts]; ``lookahead_logits`` is the NEXT MoE layer's gate applied to this layer's input (the
+    speculative signal for prefetch); either may be None when the source lacks it (e.g. converted logs, the
+    last layer). For a prefill chunk ``step`` is -1 and the logits are those of the last prompt token.
+    """
+
+    step: int
+    layer: int
+    experts: tuple[int, ...]
+    weights: np.ndarray | None = None
+    gate_logits: np.ndarray | None = None
+    lookahead_logits: np.ndarray | None = None
+    prefill: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class OracleUnavailable(MoeEnvError):
+    """Raised by CacheView.next_use/future outside replay (the live engine cannot see the future)."""
+
+
+@runtime_checkable
+class CacheView(Protocol):
+    """Read-only view of the expert cache, the same in engine, simulator and env."""
+
+    spec: ModelSpec
+    capacity: int
+
+    @property
+    def clock(self) -> int:
+        """Number of expert accesses so far in this sequence (the recency clock)."""
+
+    def resident(self, layer: int) -> list[int]:
+        """Experts of `layer` that occupy a slot (in flight included)."""
+
+    def is_resident(self, layer: int, expert: int) -> bool: ...
+
+    def in_flight(self, layer: int) -> list[int]:
+        """Experts of `layer` whose prefetch was issued and not yet consumed by that layer's acquire."""
+
+    def last_use(self, layer: int) -> np.ndarray:
+        """[num_experts] clock of each expert's last access this sequence, -1 if never."""
+
+    def use_count(self, layer: int) -> np.ndarray:
+        """[num_experts] accesses this sequence, counted also while the expert is not resident."""
+
+    def loaded_at(self, layer: int) -> np.ndarray:
+        """[num_experts] clock at which each resident expert was loaded, -1 if not resident."""
+
+    def next_use(self, layer: int, expert: int) -> float:
+        """Accesses until `expert` of `layer` is used next (inf if never). Replay only: else OracleUnavailable."""
+
+    def future_experts(self, step: int, layer: int) -> tuple[int, ...] | None:
+        """Experts that (step, layer) will route to, or None past the end. Replay only: else OracleUnavailable."""
+
+
+class Policy:
+    """Base class of every cache/prefetch policy. Defaults: LRU eviction, no prefetch, no state."""
+
+    #: True for policies that read the future (cache.next_use); the live engine refuses them.
+    needs_future: bool = False
+    #: True for policies that only prefetch; --policy rejects them, --prefetch expects them.
+    prefetch_only: bool = False
+    name: str = "policy"
+
+    def reset(self, spec: ModelSpec, capacity: int) -> None:
+        self.spec = spec
+        self.capacity = capacity
+
+    def observe(self, event: RouteEvent, cache: CacheView) -> None:
+        return None
+
+    def eviction_scores(self, layer: int, candidates: np.ndarray, cache: CacheView) -> np.ndarray:
+        return cache.last_use(layer)[candidates].astype(np.float64)
+
+    def prefetch(self, event: RouteEvent, cache: CacheView) -> Sequence[tuple[int, int]]:
+        return ()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name}>"
+
+
+class CombinedPolicy(Policy):
+    """Eviction from one policy, prefetch from another (``--policy lru --prefetch lookahead``)."""
+
+    def __init__(self, evict: Policy, prefetcher: Policy):
+        self.evict = evict
+        self.prefetcher = prefetcher
+        self.name = f"{evict.name}+{prefetcher.name}"
+        self.needs_future = evict.needs_future or prefetcher.needs_future
+
+    def reset(self, spec: ModelSpec, capacity: int) -> None:
+        super().reset(spec, capacity)
+        self.evict.reset(spec, capacity)
+        self.prefetcher.reset(spec, capacity)
+
+    def observe(self, event: RouteEvent, cache: CacheView) -> None:
+        self.evict.observe(event, cache)
+        self.prefetcher.observe(event, cache)
+
+    def eviction_scores(self, layer: int, candidates: np.ndarray, cache: CacheView) -> np.ndarray:
+        return self.evict.eviction_scores(layer, candidates, cache)
+
+    def prefetch(self, event: RouteEvent, cache: CacheView) -> Sequence[tuple[int, int]]:
+        return self.prefetcher.prefetch(event, cache)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The registry: entry points of group "moe_env.policies" (this project's and any installed third party's).
+
+
+def available_policies() -> dict[str, Any]:
+    """Name -> entry point of every installed policy plug-in."""
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text  # a bare word or a path
+
+
+def parse_policy_spec(spec: str) -> tuple[str, list[Any], dict[str, Any]]:
+    """``"lfu-decay:decay=0.9"`` -> ("lfu-decay", [], {"decay": 0.9}); ``"ppo:a/b.zip"`` -> ("ppo", ["a/b.zip"], {})."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise PolicySpecError("empty policy spec: give a name such as 'lru' or 'lfu-decay:decay=0.9'")
+    name, _, arg = spec.strip().partition(":")
+    name = name.strip()
+    if not name or not all(c.isalnum() or c in "-_." for c in name):
+        raise PolicySpecError(f"malformed policy spec {spec!r}: expected NAME or NAME:ARG")
+    args: list[Any] = []
+    kwargs: dict[str, Any] = {}
+    if arg:
+        parts = [p for p in arg.split(",")]
+        if all("=" in p for p in parts):
+            for p in parts:
+                key, _, value = p.partition("=")
+                key = key.strip()
+                if not key.isidentifier() or not value.strip():
+                    raise PolicySpecError(f"malformed policy argument {p!r} in {spec!r}: expected key=value")
+                kwargs[key] = _parse_value(value.strip())
+        elif len(parts) == 1 or ("=" not in parts[0] and all("=" in p for p in parts[1:])):
+            args.append(parts[0].strip())  # a path may not be literal-evaluated
+            for p in parts[1:]:
+                key, _, value = p.partition("=")
+                kwargs[key.strip()] = _parse_value(value.strip())
+        else:
+            raise PolicySpecError(f"malformed policy spec {spec!r}: expected NAME:key=value[,key=value] or NAME:PATH")
+    return name, args, kwargs
+
+
+def make_policy(spec: str | Policy) -> Policy:
+    """Build a policy from a spec string through the plug-in registry (or pass a Policy through)."""
+    if isinstance(spec, Policy):
+        return spec
+    name, args, kwargs = parse_policy_spec(spec)
+    registry = available_policies()
+    if name not in registry:
+        known = ", ".join(sorted(registry)) or "none installed (pip install -e .)"
+        raise PolicySpecError(f"unknown policy {name!r}; known policies: {known}")
+    factory = registry[name].load()
+    try:
+        policy = factory(*args, **kwargs)
+    except TypeError as exc:
+        raise PolicySpecError(f"bad arguments for policy {name!r} in {spec!r}: {exc}") from None
+    if not isinstance(policy, Policy):
+        raise PolicySpecError(f"plug-in {name!r} did not build a moe_env Policy (got {type(policy).__name__})")
+    policy.name = spec.strip()
+    return policy
+
+
+def build_policy(policy: str | Policy, prefetch: str | Policy | None = None) -> Policy:
+    """The policy a driver runs: eviction policy, optionally combined with a separate prefetcher."""
+    evict = make_policy(policy)
+    if evict.prefetch_only:
+        raise PolicySpecError(f"{evict.name!r} is a prefetcher; pass it as --prefetch and give an eviction --policy")
+    if prefetch is None or (isinstance(prefetch, str) and prefetch.strip() == "none"):
+        return evict
+    return CombinedPolicy(evict, make_policy(prefetch))
+
+
+def validate_scores(scores: Any, n: int, policy: Policy) -> np.ndarray:
+    """Scores must be n finite-or-infinite floats: anything else is the policy's bug, reported clearly."""
+    try:
+        arr = np.asarray(scores, dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError) as exc:
+        raise PolicyError(f"policy {policy.name!r} returned non-numeric eviction scores: {exc}") from None
+    if arr.shape[0] != n:
+        raise PolicyError(f"policy {policy.name!r} returned {arr.shape[0]} eviction scores for {n} candidates")
+    if np.isnan(arr).any():
+        raise PolicyError(f"policy {policy.name!r} returned NaN eviction scores")
+    return arr

@@ -1,0 +1,12 @@
+"""Shared pieces of the built-in policies."""
+
+from __future__ import annotations
+
+from moe_env.policy import Policy
+
+
+class NoPrefetch(Policy):
+    """`--prefetch none`: never prefetch (the demand-only baseline)."""
+
+    prefetch_only = True
+    name = "none"

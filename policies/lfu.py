@@ -1,0 +1,18 @@
+"""Least frequently used: evict the expert with the fewest uses this sequence (uses while evicted count too).
+
+Ties go to the least recently used (the cache's tie-break), matching the reference semantics of the shared
+Mixtral traces.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from moe_env.policy import CacheView, Policy
+
+
+class LFUPolicy(Policy):
+    name = "lfu"
+
+    def eviction_scores(self, layer: int, candidates: np.ndarray, cache: CacheView) -> np.ndarray:
+        return cache.use_count(layer)[candidates].astype(np.float64)

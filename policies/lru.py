@@ -1,0 +1,14 @@
+"""Least recently used: evict the resident expert whose last access is oldest."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from moe_env.policy import CacheView, Policy
+
+
+class LRUPolicy(Policy):
+    name = "lru"
+
+    def eviction_scores(self, layer: int, candidates: np.ndarray, cache: CacheView) -> np.ndarray:
+        return cache.last_use(layer)[candidates].astype(np.float64)

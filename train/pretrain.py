@@ -1,0 +1,42 @@
+"""Train an embedded MoE model on the Python stdlib (thin CLI over moe_env.pretrain).
+
+Example:
+    python train/pretrain.py --config train/configs/tiny-mixtral.json --out moe_env/assets/models/tiny-mixtral
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from moe_env.pretrain import TrainConfig, train  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="JSON training config (see moe_env.pretrain.TrainConfig)")
+    p.add_argument("--out", required=True, help="directory for the final HF model + tokenizer + train_meta.json")
+    p.add_argument("--steps", type=int, help="override the number of training steps")
+    p.add_argument("--seed", type=int, help="override the seed")
+    p.add_argument("--run-dir", help="checkpoint/tokenizer cache directory (default: runs/<config name>)")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in the run dir")
+    args = p.parse_args(argv)
+
+    cfg = TrainConfig.from_file(args.config)
+    if args.steps is not None:
+        cfg.steps = args.steps
+    if args.seed is not None:
+        cfg.seed = args.seed
+    run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / cfg.name
+    try:
+        train(cfg, args.out, run_dir, resume=args.resume, log=lambda s: print(s, flush=True))
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

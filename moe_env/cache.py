@@ -13,7 +13,8 @@ Semantics (per layer, ``capacity`` slots, empty at the start of each sequence):
   nothing else is left is an in-flight expert evicted (the driver waits for its copy before reusing the slot);
 - ties in scores go to the least recently used, then to the lowest expert id;
 - after the accesses the policy may prefetch ``(layer, expert)`` pairs for other layers; a prefetch never evicts
-  an expert in flight, and is dropped when the target layer has nothing evictable left.
+  an expert in flight nor one requested in the same call, and is dropped when the target layer has nothing
+  evictable left.
 """
 
 from __future__ import annotations
@@ -205,7 +206,9 @@ class ExpertCacheState:
             raise ValueError(f"layer {event.layer} outside 0..{self.spec.num_layers - 1}")
         if len(experts) > self.capacity:
             raise ValueError(f"{len(experts)} experts routed at once but only {self.capacity} slots per layer")
-        if len(set(experts)) != len(experts) or not all(0 <= e < self.spec.num_experts for e in experts):
+        if len(set(experts)) != len(experts) or (
+            experts and (min(experts) < 0 or max(experts) >= self.spec.num_experts)
+        ):
             raise ValueError(f"bad expert list {experts} for {self.spec.num_experts} experts")
 
     def _make_room(self, layer: int, pool: _LayerPool, protected: set[int], allow_in_flight: bool) -> tuple[int, int]:
@@ -236,9 +239,10 @@ class ExpertCacheState:
             validate_scores(self.policy.eviction_scores(layer, candidates, self), 1, self.policy)
             return int(candidates[0])
         scores = validate_scores(self.policy.eviction_scores(layer, candidates, self), len(candidates), self.policy)
-        # lowest score first, then least recently used, then lowest expert id (candidates are sorted)
-        order = np.lexsort((candidates, pool.last_use[candidates], scores))
-        return int(candidates[order[0]])
+        # lowest score first, then least recently used, then lowest expert id (plain Python: lexsort costs more
+        # than the whole decision for a handful of candidates)
+        ids = candidates.tolist()
+        return min(zip(scores.tolist(), pool.last_use[candidates].tolist(), ids, strict=True))[2]
 
     def _install(self, layer: int, pool: _LayerPool, expert: int, slot: int, evicted: int, prefetch: bool) -> Load:
         pool.slot_of[expert] = slot
@@ -252,6 +256,7 @@ class ExpertCacheState:
         if not requests:
             return
         num_layers, num_experts = self.spec.num_layers, self.spec.num_experts
+        pairs: list[tuple[int, int]] = []
         for request in requests:
             try:
                 target_layer, expert = (int(x) for x in request)
@@ -264,12 +269,18 @@ class ExpertCacheState:
                     f"policy {self.policy.name!r} asked to prefetch expert {expert} of layer {target_layer}: "
                     f"out of range ({num_layers} layers, {num_experts} experts)"
                 )
+            pairs.append((target_layer, expert))
+        # a prefetch never evicts an expert requested in the same call (it would evict what it asked for)
+        requested: dict[int, set[int]] = {}
+        for target_layer, expert in pairs:
+            requested.setdefault(target_layer, set()).add(expert)
+        for target_layer, expert in pairs:
             if target_layer == event.layer:
                 continue  # this layer is already served; nothing to gain
             pool = self._pools[target_layer]
             if pool.slot_of[expert] >= 0:
                 continue
-            slot, evicted = self._make_room(target_layer, pool, set(), allow_in_flight=False)
+            slot, evicted = self._make_room(target_layer, pool, requested[target_layer], allow_in_flight=False)
             if slot < 0:
                 continue  # every slot of that layer holds an in-flight prefetch
             plan.prefetches.append(self._install(target_layer, pool, expert, slot, evicted, prefetch=True))

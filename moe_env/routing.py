@@ -54,7 +54,7 @@ def route_events(routing: LayerRouting, capacity: int) -> Iterator[RouteEvent]:
         yield RouteEvent(
             step=routing.step,
             layer=routing.layer,
-            experts=tuple(int(e) for e in experts[0]),
+            experts=tuple(experts[0].tolist()),  # Python ints, as the cache indexes lists with them
             weights=None if routing.weights is None else routing.weights[0],
             gate_logits=_last(routing.gate_logits),
             lookahead_logits=_last(routing.lookahead_logits),

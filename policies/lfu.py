@@ -13,6 +13,7 @@ from moe_env.policy import CacheView, Policy
 
 class LFUPolicy(Policy):
     name = "lfu"
+    replay_kernel = "lfu"  # moe_env.sim_kernels reproduces this scorer exactly (demand-only runs)
 
     def eviction_scores(self, layer: int, candidates: np.ndarray, cache: CacheView) -> np.ndarray:
         return cache.use_count(layer)[candidates].astype(np.float64)

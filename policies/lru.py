@@ -9,6 +9,7 @@ from moe_env.policy import CacheView, Policy
 
 class LRUPolicy(Policy):
     name = "lru"
+    replay_kernel = "lru"  # moe_env.sim_kernels reproduces this scorer exactly (demand-only runs)
 
     def eviction_scores(self, layer: int, candidates: np.ndarray, cache: CacheView) -> np.ndarray:
         return cache.last_use(layer)[candidates].astype(np.float64)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from moe_env.pretrain import TrainConfig, train  # noqa: E402
+from moe_env.pretrain import TrainConfig, train
 
 
 def main(argv: list[str] | None = None) -> int:

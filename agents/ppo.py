@@ -1,0 +1,157 @@
+"""PPO on MoEOffloadEnv (stable-baselines3) and the trained policy as a plug-in (``--policy ppo:PATH``).
+
+The agent outputs a residual on a score prior (agents.prior): the env receives
+``clip(prior(obs) + residual_scale * residual, -1, 1)``. ``ResidualActionWrapper`` applies it during training;
+``PPOPolicy`` applies the same function outside the env, from the policy-only checkpoint (actor weights, log_std,
+value net for completeness, the prior and its weights): so decisions in the env and as a plug-in are identical.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+from stable_baselines3.common.policies import ActorCriticPolicy
+
+from agents.checkpoint import PolicyCheckpoint, load_checkpoint, save_checkpoint, shipped_policy_path, spec_dict
+from agents.learned import LearnedPolicy, check_obs_size
+from agents.prior import ScorePrior
+from moe_env.env import MoEOffloadEnv
+from moe_env.errors import CheckpointError
+from moe_env.policy import CacheView, ModelSpec, RouteEvent
+
+KIND = "ppo"
+
+
+@dataclass
+class PPOConfig:
+    """Everything a run needs besides its traces (train/configs/ppo*.json hold these fields)."""
+
+    total_timesteps: int = 200_000
+    n_envs: int = 4
+    n_steps: int = 512
+    batch_size: int = 256
+    n_epochs: int = 5
+    learning_rate: float = 3e-4
+    gamma: float = 0.95
+    gae_lambda: float = 0.9
+    clip_range: float = 0.2
+    ent_coef: float = 0.0
+    log_std_init: float = -1.5
+    net_arch: list[int] = field(default_factory=lambda: [64, 64])
+    residual_scale: float = 1.0
+    prior: str = "features"  # none | features | predictor
+    prior_predictor: str = ""  # checkpoint of the predictor prior ("" = the shipped one)
+    prior_config: dict[str, Any] = field(default_factory=dict)
+    reward: str = "stall"  # stall | stall_vs_lru
+    capacity: int | None = None  # slots per layer; None = half the experts
+    profile: str | None = None  # cost model HARDWARE[:EXPERTS]; None = default hardware, trace's expert size
+    eval_every: int = 20_000
+    seed: int = 0
+    torch_threads: int = 1
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> PPOConfig:
+        from moe_env.errors import UsageError
+
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise UsageError(f"unknown PPO config keys: {', '.join(unknown)}")
+        return cls(**values)
+
+
+class ResidualActionWrapper(gym.Wrapper):
+    """Env action = clip(prior(last observation) + scale * agent action, -1, 1)."""
+
+    def __init__(self, env: MoEOffloadEnv, prior: ScorePrior, scale: float):
+        super().__init__(env)
+        self.prior = prior
+        self.scale = scale
+        self._obs: np.ndarray | None = None
+
+    def reset(self, **kwargs):
+        obs, info = self.env.reset(**kwargs)
+        self._obs = obs
+        return obs, info
+
+    def step(self, action):
+        full = combine(self.prior(self._obs), np.asarray(action, dtype=np.float64), self.scale)
+        obs, reward, terminated, truncated, info = self.env.step(full.astype(np.float32))
+        self._obs = obs
+        return obs, reward, terminated, truncated, info
+
+
+def combine(prior: np.ndarray, residual: np.ndarray, scale: float) -> np.ndarray:
+    return np.clip(prior + scale * np.clip(residual, -1.0, 1.0), -1.0, 1.0)
+
+
+def actor_critic(obs_size: int, num_experts: int, config: PPOConfig) -> ActorCriticPolicy:
+    """The SB3 network of a PPO policy, rebuilt identically at load time."""
+    return ActorCriticPolicy(
+        gym.spaces.Box(0.0, 1.0, shape=(obs_size,), dtype=np.float32),
+        gym.spaces.Box(-1.0, 1.0, shape=(num_experts,), dtype=np.float32),
+        lambda _: 0.0,
+        net_arch=dict(pi=list(config.net_arch), vf=list(config.net_arch)),
+        log_std_init=config.log_std_init,
+    )
+
+
+def policy_checkpoint(policy: ActorCriticPolicy, prior: ScorePrior, config: PPOConfig, spec: ModelSpec,
+                      capacity: int) -> PolicyCheckpoint:  # fmt: skip
+    state = {f"policy.{k}": v for k, v in policy.state_dict().items()}
+    state.update(prior.state_dict())
+    described = asdict(config) | {"prior_described": prior.describe()}
+    obs_size = MoEOffloadEnv.observation_size(spec)
+    return PolicyCheckpoint(KIND, spec_dict(spec), capacity, obs_size, described, state)
+
+
+def save_ppo_policy(policy: ActorCriticPolicy, prior: ScorePrior, config: PPOConfig, spec: ModelSpec,
+                    capacity: int, path: str | os.PathLike) -> Path:  # fmt: skip
+    return save_checkpoint(policy_checkpoint(policy, prior, config, spec, capacity), path)
+
+
+class PPOPolicy(LearnedPolicy):
+    """``--policy ppo[:PATH]``: a trained PPO policy (deterministic: the Gaussian's mean); no PATH: the shipped one."""
+
+    def __init__(self, path: str | os.PathLike | None = None):
+        super().__init__()  # LRU fallback, as the env's default
+        self.path = Path(path) if path else shipped_policy_path(KIND)
+        where = str(self.path)
+        self.ckpt = load_checkpoint(self.path, KIND)
+        saved = dict(self.ckpt.config)
+        described = saved.pop("prior_described", {"kind": "none"})
+        try:
+            self.config = PPOConfig.from_dict(saved)
+        except Exception as exc:  # UsageError or TypeError from a foreign config
+            raise CheckpointError(f"{where}: bad PPO config in the checkpoint ({exc})") from None
+        m = self.ckpt.model
+        self.net = actor_critic(self.ckpt.obs_size, m["num_experts"], self.config)
+        weights = {k[len("policy.") :]: v for k, v in self.ckpt.state_dict.items() if k.startswith("policy.")}
+        try:
+            self.net.load_state_dict(weights, strict=True)
+        except RuntimeError:
+            raise CheckpointError(f"{where}: the weights do not fit the PPO network of its config") from None
+        self.net.eval()
+        self.prior = ScorePrior.from_saved(
+            described, self.ckpt.state_dict, m["num_layers"], m["num_experts"], self.ckpt.capacity, where
+        )
+
+    def check_model(self, spec: ModelSpec, capacity: int) -> None:
+        self.ckpt.check_spec(spec, str(self.path))
+        check_obs_size(self.ckpt.obs_size, spec, capacity, str(self.path))
+        self.prior.capacity = capacity
+
+    def residual(self, obs: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            x = torch.as_tensor(obs, dtype=torch.float32)[None, :]
+            latent = self.net.mlp_extractor.forward_actor(self.net.extract_features(x, self.net.pi_features_extractor))
+            return self.net.action_net(latent)[0].numpy().astype(np.float64)
+
+    def act(self, obs: np.ndarray, event: RouteEvent, cache: CacheView) -> np.ndarray:
+        return combine(self.prior(obs), self.residual(obs), self.config.residual_scale)

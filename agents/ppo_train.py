@@ -1,0 +1,186 @@
+"""Training a PPO policy: vectorised envs, TensorBoard metrics, periodic checkpoints, eval, best policy, resume.
+
+A run directory holds: config.json, command.txt, tb/ (TensorBoard: train/hit_rate, train/stall_s,
+train/gap_captured, eval/hit_rate, eval/stall_s_per_token, eval/gap_captured, SB3's losses), checkpoints/
+(full SB3 models for --resume; last.zip is the newest), latest-policy.pt and best-policy.pt (policy-only, the
+plug-in format: ``--policy ppo:RUN/best-policy.pt``). Best = lowest eval stall per token.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from stable_baselines3 import PPO
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.monitor import Monitor
+from stable_baselines3.common.vec_env import DummyVecEnv
+
+from agents.checkpoint import shipped_policy_path
+from agents.ppo import PPOConfig, PPOPolicy, ResidualActionWrapper, save_ppo_policy
+from agents.predictor import PredictorPolicy
+from agents.prior import ScorePrior
+from moe_env.env import MoEOffloadEnv, default_capacity
+from moe_env.errors import UsageError
+from moe_env.sim import cost_model_for, simulate
+from moe_env.trace import Trace
+
+INFO_KEYS = ("hit_rate", "stall_s", "gap_captured")
+
+
+def build_prior(config: PPOConfig, trace: Trace, capacity: int) -> ScorePrior:
+    meta = trace.meta
+    if config.prior != "predictor":
+        return ScorePrior(config.prior, meta.num_layers, meta.num_experts, capacity, dict(config.prior_config))
+    predictor = PredictorPolicy(config.prior_predictor or shipped_policy_path("predictor", meta.model))
+    settings = {"threshold": predictor.threshold, "next_weight": predictor.next_weight} | config.prior_config
+    return ScorePrior("predictor", meta.num_layers, meta.num_experts, capacity, settings, predictor.net)
+
+
+class EvalCallback(BaseCallback):
+    """Logs episode metrics; every `eval_every` steps saves the policy, evaluates it and checkpoints the model."""
+
+    def __init__(self, run_dir: Path, evaluate: Callable[[Path], dict], save_policy: Callable[[Path], None],
+                 eval_every: int, total: int, log: Callable[[str], None]):  # fmt: skip
+        super().__init__()
+        self.run_dir = run_dir
+        self.evaluate = evaluate
+        self.save_policy = save_policy
+        self.eval_every = eval_every
+        self.total = total
+        self.log = log
+        self.best = float("inf")
+        self.next_eval = eval_every
+        self.started = time.perf_counter()
+        self.episodes: dict[str, list[float]] = {k: [] for k in INFO_KEYS}
+        best_file = run_dir / "best.json"
+        if best_file.is_file():
+            self.best = json.loads(best_file.read_text())["stall_s_per_token"]
+
+    def _on_training_start(self) -> None:
+        self.next_eval = (self.num_timesteps // self.eval_every + 1) * self.eval_every
+
+    def _on_step(self) -> bool:
+        for info, done in zip(self.locals["infos"], self.locals["dones"], strict=True):
+            if done:
+                for key in INFO_KEYS:
+                    if key in info and np.isfinite(info[key]):
+                        self.episodes[key].append(float(info[key]))
+        if self.num_timesteps >= self.next_eval:
+            self.next_eval += self.eval_every
+            self.checkpoint()
+        return True
+
+    def _on_rollout_end(self) -> None:
+        for key, values in self.episodes.items():
+            if values:
+                self.logger.record(f"train/{key}", float(np.mean(values[-20:])))
+
+    def checkpoint(self) -> dict:
+        latest = self.run_dir / "latest-policy.pt"
+        self.save_policy(latest)
+        save_model(self.model, self.run_dir)
+        metrics = self.evaluate(latest)
+        for key, value in metrics.items():
+            self.logger.record(f"eval/{key}", value)
+        if metrics["stall_s_per_token"] < self.best:
+            self.best = metrics["stall_s_per_token"]
+            shutil.copyfile(latest, self.run_dir / "best-policy.pt")
+            (self.run_dir / "best.json").write_text(json.dumps(metrics | {"timesteps": self.num_timesteps}))
+        elapsed = time.perf_counter() - self.started
+        self.log(
+            f"[{self.num_timesteps}/{self.total}] {elapsed:.0f}s  train hit_rate "
+            f"{np.mean(self.episodes['hit_rate'][-20:] or [np.nan]):.3f}  eval hit_rate {metrics['hit_rate']:.3f}  "
+            f"stall {1e3 * metrics['stall_s_per_token']:.3f} ms/token  gap {metrics['gap_captured']:.2f}"
+            f"{'  (best)' if self.best == metrics['stall_s_per_token'] else ''}"
+        )
+        self.logger.dump(self.num_timesteps)
+        return metrics
+
+
+def save_model(model: PPO, run_dir: Path) -> None:
+    """The full SB3 model for --resume: checkpoints/step-N.zip and checkpoints/last.zip (keeps the newest 3)."""
+    directory = run_dir / "checkpoints"
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"step-{model.num_timesteps:09d}.zip"
+    model.save(path)
+    shutil.copyfile(path, directory / "last.zip")
+    for old in sorted(directory.glob("step-*.zip"))[:-3]:
+        old.unlink()
+
+
+def train_ppo(config: PPOConfig, train_trace: Trace, eval_trace: Trace, run_dir: Path, resume: bool = False,
+              log: Callable[[str], None] = print) -> Path:  # fmt: skip
+    """Train (or continue) a run; returns the best policy's path. Ctrl-C saves a checkpoint and re-raises."""
+    if (train_trace.meta.num_experts, train_trace.meta.num_layers) != (
+        eval_trace.meta.num_experts,
+        eval_trace.meta.num_layers,
+    ):
+        raise UsageError("train and eval traces come from models of different shapes")
+    torch.set_num_threads(config.torch_threads)
+    meta = train_trace.meta
+    capacity = config.capacity or default_capacity(meta.num_experts, meta.top_k)
+    prior = build_prior(config, train_trace, capacity)
+    cost = cost_model_for(meta, config.profile)
+
+    def make_env(rank: int):
+        def build():
+            env = MoEOffloadEnv(train_trace, capacity=capacity, reward=config.reward, profile=cost)
+            return Monitor(ResidualActionWrapper(env, prior, config.residual_scale), info_keywords=INFO_KEYS)
+
+        return build
+
+    venv = DummyVecEnv([make_env(i) for i in range(config.n_envs)])
+    venv.seed(config.seed)
+    last = run_dir / "checkpoints" / "last.zip"
+    if resume:
+        if not last.is_file():
+            raise UsageError(f"--resume: no checkpoint at {last}")
+        model = PPO.load(last, env=venv, device="cpu")
+        log(f"resuming {run_dir} at {model.num_timesteps} timesteps")
+    else:
+        model = PPO(
+            "MlpPolicy", venv, learning_rate=config.learning_rate, n_steps=config.n_steps,
+            batch_size=config.batch_size, n_epochs=config.n_epochs, gamma=config.gamma, gae_lambda=config.gae_lambda,
+            clip_range=config.clip_range, ent_coef=config.ent_coef, seed=config.seed, device="cpu", verbose=0,
+            policy_kwargs=dict(net_arch=dict(pi=list(config.net_arch), vf=list(config.net_arch)),
+                               log_std_init=config.log_std_init),
+            tensorboard_log=str(run_dir / "tb"),
+        )  # fmt: skip
+    spec = MoEOffloadEnv(train_trace, capacity=capacity, profile=cost, reference_metrics=False).model_spec
+    lru, belady = (simulate(eval_trace, name, capacity, cost).hit_rate for name in ("lru", "belady"))
+
+    def save_policy(path: Path) -> None:
+        save_ppo_policy(model.policy, prior, config, spec, capacity, path)
+
+    def evaluate(path: Path) -> dict:
+        result = simulate(eval_trace, PPOPolicy(path), capacity, cost)
+        gap = (result.hit_rate - lru) / (belady - lru) if belady > lru else float("nan")
+        return {"hit_rate": result.hit_rate, "stall_s_per_token": result.stall_s_per_token, "gap_captured": gap}
+
+    callback = EvalCallback(run_dir, evaluate, save_policy, config.eval_every, config.total_timesteps, log)
+    remaining = config.total_timesteps - model.num_timesteps
+    try:
+        if remaining > 0:
+            model.learn(remaining, callback=callback, reset_num_timesteps=not resume, tb_log_name="ppo")
+        else:
+            callback.init_callback(model)
+    except KeyboardInterrupt:
+        save_model(model, run_dir)
+        save_policy(run_dir / "latest-policy.pt")
+        log(f"interrupted at {model.num_timesteps} timesteps: checkpoint saved, continue with --resume")
+        raise
+    callback.checkpoint()
+    return run_dir / "best-policy.pt"
+
+
+def write_run_files(run_dir: Path, config: PPOConfig, extra: dict, command: str) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(asdict(config) | extra, indent=1) + "\n")
+    (run_dir / "command.txt").write_text(command + "\n")

@@ -1,0 +1,92 @@
+"""Env throughput: replay env steps/s (constant, heuristic and learned actions) and PPO training steps/s.
+
+    python bench/env_speed.py [--trace SPEC] [--profile P] [--repeats 5] [--ppo-steps 8192]
+
+Medians over repeats, printed side by side. Default trace: builtin:tiny-mixtral/train when shipped, else the
+shared Mixtral routing log (../shared/traces) with the mixtral-8x7b-4bit expert profile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from agents.ppo import PPOConfig
+from agents.ppo_train import train_ppo
+from agents.traces import load_traces
+from moe_env.env import MoEOffloadEnv, action_from_policy
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "traces" / "mixtral-8x7b-gsm8k-routing.jsonl"
+
+
+def default_trace() -> tuple[str, str | None]:
+    from moe_env.trace import builtin_trace_names
+
+    if "tiny-mixtral" in builtin_trace_names():
+        return "builtin:tiny-mixtral/train", None
+    return str(SHARED), "consumer-pcie4:mixtral-8x7b-4bit"
+
+
+def steps_per_s(env: MoEOffloadEnv, choose, min_steps: int) -> float:
+    steps, start = 0, time.perf_counter()
+    while steps < min_steps:
+        obs, _ = env.reset(options={"sequence": steps % len(env.trace.sequences)})
+        done = False
+        while not done:
+            obs, _, done, _, _ = env.step(choose(obs, env))
+            steps += 1
+    return steps / (time.perf_counter() - start)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--trace", default=None)
+    p.add_argument("--profile", default=None)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--min-steps", type=int, default=20_000)
+    p.add_argument("--ppo-steps", type=int, default=8192)
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    spec, profile = (args.trace, args.profile) if args.trace else default_trace()
+    trace = load_traces(spec)
+    env = MoEOffloadEnv(trace, profile=args.profile or profile, reference_metrics=False)
+    action = np.full(env.action_space.shape, -0.5, dtype=np.float32)
+    actors = {
+        "constant action": lambda obs, e: action,
+        "lru via action_from_policy": lambda obs, e: action_from_policy(e.policy.fallback, e.current_event, e.cache),
+    }
+    from moe_env.trace import builtin_trace_names
+
+    if "tiny-mixtral" in builtin_trace_names() and trace.meta.model == "tiny-mixtral":
+        from moe_env.policy import make_policy
+
+        for kind in ("ppo", "predictor"):
+            learned = make_policy(kind)
+            learned.reset(env.model_spec, env.capacity)
+            actors[f"{kind} (shipped)"] = lambda obs, e, p=learned: p.act(obs, e.current_event, e.cache)
+    print(f"trace {spec}: {trace.meta.model}, {len(trace.sequences)} sequences, capacity {env.capacity}")
+    print(f"{'actor':32s} {'median steps/s':>15s} {'min':>8s} {'max':>8s}")
+    for name, choose in actors.items():
+        rates = [steps_per_s(env, choose, args.min_steps) for _ in range(args.repeats)]
+        print(f"{name:32s} {statistics.median(rates):15.0f} {min(rates):8.0f} {max(rates):8.0f}")
+    import tempfile
+
+    rates = []
+    for repeat in range(max(1, args.repeats // 2)):
+        config = PPOConfig(
+            total_timesteps=args.ppo_steps, eval_every=10**9, seed=repeat, profile=args.profile or profile
+        )
+        with tempfile.TemporaryDirectory() as run_dir:
+            start = time.perf_counter()
+            train_ppo(config, trace, trace, Path(run_dir), log=lambda _: None)
+            rates.append(args.ppo_steps / (time.perf_counter() - start))
+    print(f"{'PPO training (incl. 1 eval)':32s} {statistics.median(rates):15.0f} {min(rates):8.0f} {max(rates):8.0f}")
+
+
+if __name__ == "__main__":
+    main()

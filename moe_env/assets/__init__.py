@@ -1,0 +1,1 @@
+"""Package data: embedded models (assets/models/<name>/) and other shipped files."""

@@ -1,0 +1,254 @@
+"""`moe-env bench`: replay traces through policies at several cache budgets; table, JSON rows and plots.
+
+LRU and Belady (no prefetch) are always simulated: they anchor ``gap_captured = (hit_rate - lru) / (belady -
+lru)`` at the same budget. "Memory at equal hit rate": the fewest slots a policy needs to reach LRU's hit rate at
+the reference budget, and what that saves (slots x layers x expert bytes of the profile).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from moe_env.errors import UsageError
+from moe_env.policy import make_policy
+from moe_env.sim import SimResult, cost_model_for, simulate
+from moe_env.trace import Trace, load_trace
+
+BASELINES = ("lru", "belady")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--trace", action="append", required=True, help="trace spec (file, .jsonl, builtin:M[/S])")
+    parser.add_argument("--policies", action="append", default=None, help="eviction policies, e.g. lru,lfu,belady")
+    parser.add_argument("--cache-slots", default="3,4,5", help="slots per layer to compare, e.g. 3,4,5")
+    parser.add_argument(
+        "--prefetch", default="none", help="prefetchers to cross with the policies, e.g. none,lookahead"
+    )
+    parser.add_argument(
+        "--profile", default=None, help="cost model HARDWARE[:EXPERTS], e.g. consumer-pcie4:olmoe-1b-7b"
+    )
+    parser.add_argument("--reference-slots", type=int, default=None, help="budget for memory at equal hit rate")
+    parser.add_argument("--json", action="store_true", help="print a JSON list of rows instead of the table")
+    parser.add_argument("--plots", default=None, help="directory for PNG plots (default ./bench-plots; JSON: none)")
+
+
+def split_specs(values: list[str] | None) -> list[str]:
+    """'lru,lfu-decay:decay=0.9,x=1,belady' -> ['lru', 'lfu-decay:decay=0.9,x=1', 'belady']: a piece with '=' and
+    no ':' continues the previous spec's arguments."""
+    specs: list[str] = []
+    for value in values or []:
+        for piece in (p.strip() for p in value.split(",")):
+            if not piece:
+                continue
+            if specs and "=" in piece and ":" not in piece:
+                specs[-1] += "," + piece
+            else:
+                specs.append(piece)
+    return specs
+
+
+def parse_slots(text: str) -> list[int]:
+    try:
+        slots = sorted({int(s) for s in text.split(",") if s.strip()})
+    except ValueError:
+        raise UsageError(f"--cache-slots must be integers separated by commas, got {text!r}") from None
+    if not slots:
+        raise UsageError("--cache-slots is empty")
+    return slots
+
+
+@dataclass(frozen=True)
+class Row:
+    trace: str
+    policy: str
+    prefetch: str
+    slots: int
+    result: SimResult
+    gap_captured: float | None
+
+    def as_dict(self) -> dict:
+        r = self.result
+        return {
+            "trace": self.trace,
+            "policy": self.policy,
+            "prefetch": self.prefetch,
+            "slots": self.slots,
+            "hits": r.hits,
+            "misses": r.misses,
+            "hit_rate": r.hit_rate,
+            "gap_captured": self.gap_captured,
+            "prefetch_precision": r.prefetch_precision,
+            "prefetch_recall": r.prefetch_recall,
+            "bytes_moved": r.bytes_moved,
+            "stall_s_per_token": r.stall_s_per_token,
+            "tokens_per_s": r.tokens_per_s,
+        }
+
+
+@dataclass(frozen=True)
+class IsoHitRate:
+    """Fewest slots for `policy` to match LRU at `reference_slots` (None: never, up to all experts)."""
+
+    trace: str
+    policy: str
+    prefetch: str
+    reference_slots: int
+    lru_hit_rate: float
+    slots_needed: int | None
+    bytes_saved: int | None
+
+
+class Bench:
+    """Memoised simulations of one trace: (policy, prefetch, slots) -> SimResult."""
+
+    def __init__(self, label: str, trace: Trace, profile: str | None):
+        self.label = label
+        self.trace = trace
+        self.cost = cost_model_for(trace.meta, profile)
+        self._results: dict[tuple[str, str, int], SimResult] = {}
+
+    def result(self, policy: str, prefetch: str, slots: int) -> SimResult:
+        key = (policy, prefetch, slots)
+        if key not in self._results:
+            self._results[key] = simulate(
+                self.trace, policy, slots, self.cost, None if prefetch == "none" else prefetch
+            )
+        return self._results[key]
+
+    def row(self, policy: str, prefetch: str, slots: int) -> Row:
+        result = self.result(policy, prefetch, slots)
+        lru, belady = (self.result(p, "none", slots).hit_rate for p in BASELINES)
+        gap = (result.hit_rate - lru) / (belady - lru) if belady != lru else None
+        return Row(self.label, policy, prefetch, slots, result, gap)
+
+    def iso_hit_rate(self, policy: str, prefetch: str, reference: int) -> IsoHitRate:
+        """Search down from `reference` while the target is still met, or up until it is (hit rate is
+        near-monotone in slots; FIFO-like anomalies can only make this a slight overestimate).
+
+        With a prefetcher, "hit" includes accesses whose prefetched copy may still be landing, so the target is
+        LRU's stall per token instead (for demand-only policies the two coincide: every miss costs one copy)."""
+        meta = self.trace.meta
+        lru = self.result("lru", "none", reference)
+
+        def meets(slots: int) -> bool:
+            result = self.result(policy, prefetch, slots)
+            if prefetch == "none":
+                return result.hit_rate >= lru.hit_rate
+            return result.stall_s_per_token <= lru.stall_s_per_token
+
+        needed: int | None = reference
+        if meets(reference):
+            while needed > meta.top_k and meets(needed - 1):
+                needed -= 1
+        else:
+            needed = next((s for s in range(reference + 1, meta.num_experts + 1) if meets(s)), None)
+        saved = None if needed is None else (reference - needed) * meta.num_layers * self.cost.expert_bytes
+        return IsoHitRate(self.label, policy, prefetch, reference, lru.hit_rate, needed, saved)
+
+
+def run(args: argparse.Namespace) -> int:
+    policies = split_specs(args.policies) or ["lru", "lfu", "belady"]
+    prefetchers = split_specs([args.prefetch]) or ["none"]
+    slots = parse_slots(args.cache_slots)
+    for spec in policies:
+        make_policy(spec)  # unknown names fail before any replay
+        if make_policy(spec).prefetch_only:
+            raise UsageError(f"{spec!r} is a prefetcher: pass it with --prefetch")
+    for spec in prefetchers:
+        if spec != "none" and not make_policy(spec).prefetch_only:
+            raise UsageError(f"{spec!r} is an eviction policy, not a prefetcher: pass it with --policies")
+    reference = args.reference_slots if args.reference_slots is not None else slots[len(slots) // 2]
+    combos = [(p, f) for p in policies for f in prefetchers]
+    rows: list[Row] = []
+    iso: list[IsoHitRate] = []
+    benches: list[Bench] = []
+    for spec in args.trace:
+        bench = Bench(spec, load_trace(spec), args.profile)
+        benches.append(bench)
+        rows += [bench.row(p, f, s) for s in slots for p, f in combos]
+        iso += [bench.iso_hit_rate(p, f, reference) for p, f in combos]
+    if args.json:
+        print(json.dumps([row.as_dict() for row in rows], indent=1))
+    else:
+        print_table(rows, benches)
+        print()
+        print_iso(iso, benches)
+    plots_dir = args.plots if args.plots is not None else (None if args.json else "bench-plots")
+    if plots_dir:
+        written = [p for bench in benches for p in plot_bench(bench, combos, slots, Path(plots_dir))]
+        if not args.json:
+            print(f"\nplots: {', '.join(str(p) for p in written)}")
+    return 0
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def print_table(rows: list[Row], benches: list[Bench]) -> None:
+    for bench in benches:
+        print(f"trace {bench.label}: {bench.trace.num_accesses} decode accesses, profile {bench.cost.name}")
+    header = ["trace", "policy", "prefetch", "slots", "hit_rate", "gap", "pf_prec", "pf_recall", "GB_moved",
+              "stall_ms/tok", "tok/s"]  # fmt: skip
+    table = [header]
+    for row in rows:
+        r = row.result
+        table.append([
+            row.trace, row.policy, row.prefetch, str(row.slots), f"{r.hit_rate:.3f}", _fmt(row.gap_captured, ".2f"),
+            f"{r.prefetch_precision:.2f}", f"{r.prefetch_recall:.2f}", f"{r.bytes_moved / 1e9:.1f}",
+            f"{1e3 * r.stall_s_per_token:.2f}", f"{r.tokens_per_s:.2f}",
+        ])  # fmt: skip
+    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
+    for line in table:
+        print(
+            "  ".join(
+                cell.ljust(w) if i < 3 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths, strict=True))
+            )
+        )
+    if any(row.prefetch != "none" for row in rows):
+        print("with a prefetcher, hit_rate counts accesses served by a prefetched copy (which may still stall):")
+        print("compare stall per token; gap_captured compares hit rates only")
+
+
+def print_iso(iso: list[IsoHitRate], benches: list[Bench]) -> None:
+    if not iso:
+        return
+    print(
+        f"memory at equal hit rate (LRU's hit rate at {iso[0].reference_slots} slots; with a prefetcher, LRU's "
+        "stall per token):"
+    )
+    for item in iso:
+        needed = "never" if item.slots_needed is None else f"{item.slots_needed} slots"
+        saved = "-" if item.bytes_saved is None else f"{item.bytes_saved / 1e9:+.2f} GB saved"
+        print(
+            f"  {item.trace}  {item.policy:<24} {item.prefetch:<10} target {item.lru_hit_rate:.3f}: {needed}, {saved}"
+        )
+
+
+def plot_bench(bench: Bench, combos: list[tuple[str, str]], slots: list[int], out_dir: Path) -> list[Path]:
+    from matplotlib.figure import Figure  # Agg through Figure.savefig: no pyplot, no global backend
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(bench.label).stem if ":" not in bench.label else bench.label)
+    lines = list(dict.fromkeys([*((p, "none") for p in BASELINES), *combos]))
+    written = []
+    for metric, label, scale in (("hit_rate", "hit rate", 1.0), ("stall_s_per_token", "stall per token (ms)", 1e3)):
+        fig = Figure(figsize=(6, 4))
+        ax = fig.add_subplot()
+        for policy, prefetch in lines:
+            ys = [scale * getattr(bench.result(policy, prefetch, s), metric) for s in slots]
+            ax.plot(slots, ys, marker="o", label=policy if prefetch == "none" else f"{policy}+{prefetch}")
+        ax.set_xticks(slots)
+        ax.set_xlabel("cache slots per layer")
+        ax.set_ylabel(label)
+        ax.set_title(f"{bench.label} ({bench.cost.name})", fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        path = out_dir / f"{stem}-{metric.replace('_', '-')}.png"
+        fig.savefig(path, dpi=110, bbox_inches="tight")
+        written.append(path)
+    return written

@@ -1,0 +1,89 @@
+"""`moe-env record`: greedy-decode a prompt set through the offload engine and write an expert activation trace."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import sys
+from pathlib import Path
+
+from moe_env.engine import DEFAULT_MODEL, EngineConfig, GenerationResult, OffloadEngine, resolve_model_dir
+from moe_env.errors import UsageError
+from moe_env.prompts import Prompt, load_prompts
+from moe_env.trace import Trace, TraceMeta, TraceRecorder, save_trace
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="embedded model name or a local HF model directory")
+    parser.add_argument(
+        "--prompts", default="builtin", help="builtin, builtin:train, builtin:eval, a .txt (one a line) or .jsonl file"
+    )
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per prompt (default 64)")
+    parser.add_argument("--out", required=True, help="trace file to write (.npz)")
+    parser.add_argument(
+        "--cache-slots", default="all", help="device slots per MoE layer (routing does not depend on it)"
+    )
+    parser.add_argument("--policy", default="lru", help="cache policy spec (routing does not depend on it)")
+    parser.add_argument("--prefetch", default=None, help="prefetch policy spec")
+    parser.add_argument("--limit", type=int, default=None, help="record only the first N prompts")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.limit is not None and args.limit < 1:
+        raise UsageError(f"--limit must be >= 1, got {args.limit}")
+    prompts = load_prompts(args.prompts)[: args.limit]
+    out = Path(args.out)
+    if out.is_dir():
+        raise UsageError(f"--out {out} is a directory; give a file path")
+    config = EngineConfig(model=args.model, cache_slots=args.cache_slots, policy=args.policy, prefetch=args.prefetch)
+    with OffloadEngine(config) as engine:
+        name = args.model if not Path(args.model).is_dir() else Path(args.model).resolve().name
+        trace = record_trace(engine, prompts, args.max_new_tokens, model_name=name, progress=True)
+    trace.meta.extra["prompts"] = args.prompts
+    save_trace(trace, out)
+    print(f"wrote {out}: {len(trace.sequences)} sequences, {trace.num_steps} decode steps", file=sys.stderr)
+    return 0
+
+
+def config_hash(model: str) -> str:
+    """sha256 of the model's config.json contents (identifies the architecture a trace was recorded on)."""
+    return hashlib.sha256((resolve_model_dir(model) / "config.json").read_bytes()).hexdigest()
+
+
+def attach_recorder(engine: OffloadEngine, recorder: TraceRecorder) -> None:
+    """Feed the engine's routing stream and sequence boundaries to `recorder`."""
+    engine.add_observer(recorder)
+    engine.on_sequence_start(recorder.on_sequence_start)
+
+    def end(result: GenerationResult) -> None:
+        recorder.on_sequence_end(result.tokens)
+
+    engine.on_sequence_end(end)
+
+
+def record_trace(
+    engine: OffloadEngine, prompts: list[Prompt], max_new_tokens: int, model_name: str, progress: bool = False
+) -> Trace:
+    """Generate every prompt greedily and return the trace of what the engine routed."""
+    from tqdm import tqdm
+
+    spec = engine.spec
+    meta = TraceMeta(
+        model=model_name,
+        num_layers=spec.num_layers,
+        num_experts=spec.num_experts,
+        top_k=spec.top_k,
+        source="record",
+        config_hash=config_hash(engine.config.model),
+        expert_bytes=spec.expert_bytes,
+        extra={"max_new_tokens": max_new_tokens, "policy": str(engine.config.policy)},
+    )
+    recorder = TraceRecorder(meta)
+    attach_recorder(engine, recorder)
+    bar = tqdm(prompts, desc=f"record {model_name}", unit="prompt", file=sys.stderr, disable=not progress)
+    for prompt in bar:
+        recorder.label(prompt.id, prompt.split)
+        engine.generate(prompt.text, max_new_tokens=max_new_tokens)
+    return recorder.trace()

@@ -1,0 +1,352 @@
+"""OffloadEngine: a Hugging Face MoE model whose experts live in a host tier and reach the device through a cache.
+
+    engine = OffloadEngine(EngineConfig(model="tiny-mixtral", cache_slots=4, policy="lru", prefetch="lookahead"))
+    result = engine.generate("def fib(n):", max_new_tokens=32)   # tokens, text, metrics
+
+Observers: ``engine.add_observer(fn)`` calls ``fn(routing: LayerRouting)`` for every MoE layer of every forward
+(prefill: step -1 with all prompt tokens; decode: step 0, 1, ...), before the layer's experts are acquired.
+``on_sequence_start(fn)`` / ``on_sequence_end(fn)`` call ``fn(prompt_ids)`` / ``fn(result)`` around each
+generate. The engine patches the model it is given in place (``OffloadEngine.from_model``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedModel
+
+from moe_env.cache import Counters, ExpertCacheState
+from moe_env.device_cache import SlotPools
+from moe_env.errors import ModelError, UsageError
+from moe_env.metrics import RunMetrics
+from moe_env.models import ModelAdapter, adapter_for
+from moe_env.offload import OffloadRuntime, RoutingObserver
+from moe_env.policy import ModelSpec, Policy, build_policy
+from moe_env.store import DiskExpertStore, HostExpertStore, PinnedExpertStore
+from moe_env.transfer import link_by_name, make_copy_engine
+
+DEFAULT_MODEL = "tiny-mixtral"
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}  # fmt: skip
+
+
+@dataclass
+class EngineConfig:
+    model: str = DEFAULT_MODEL  # an embedded model name or a local Hugging Face model directory
+    cache_slots: int | str = "all"  # device slots per MoE layer, top_k..num_experts, or "all"
+    policy: str | Policy = "lru"
+    prefetch: str | Policy | None = None
+    link: str = "host"  # CPU only: pace copies to this link profile (moe_env.transfer.LINKS)
+    device: str = "cpu"
+    dtype: str | None = None  # None: as stored
+    store_dir: str | None = None  # where the CPU expert store is written; default ~/.cache/moe-env/<hash>
+    keep_experts: bool = True  # False: forget every expert after its layer ran (the "no cache" baseline)
+
+
+@dataclass
+class GenerationResult:
+    tokens: list[int]
+    text: str | None
+    metrics: RunMetrics
+    logits: list[torch.Tensor] = field(default_factory=list)  # per generated token, float32 on CPU (keep_logits)
+
+
+def greedy_decode(
+    model: PreTrainedModel,
+    prompt_ids: Sequence[int],
+    max_new_tokens: int,
+    device: torch.device,
+    before_forward: Callable[[int], None] = lambda step: None,
+    keep_logits: bool = False,
+    eos_token_id: int | None = None,
+) -> tuple[list[int], list[torch.Tensor], float, float]:
+    """Greedy decoding with a KV cache: (new tokens, logits per token, ttft_s, decode_s).
+
+    `before_forward(step)` runs before each forward: step -1 is the prefill, step t the forward that consumes
+    generated token t. The same loop drives the unmodified model in tests, so only the experts differ.
+    """
+    tokens: list[int] = []
+    kept: list[torch.Tensor] = []
+    cache = DynamicCache(config=model.config)
+    input_ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
+    start = time.perf_counter()
+    ttft = 0.0
+    with torch.inference_mode():
+        for step in range(-1, max_new_tokens - 1):
+            before_forward(step)
+            out = model(input_ids=input_ids, cache=cache, use_cache=True)
+            logits = out.logits[0, -1]
+            token = int(torch.argmax(logits))  # a device sync: every token is known on the host
+            tokens.append(token)
+            if keep_logits:
+                kept.append(logits.float().cpu())
+            if step == -1:
+                ttft = time.perf_counter() - start
+            if eos_token_id is not None and token == eos_token_id:
+                break
+            input_ids = torch.tensor([[token]], dtype=torch.long, device=device)
+    return tokens, kept, ttft, time.perf_counter() - start - ttft
+
+
+class OffloadEngine:
+    def __init__(self, config: EngineConfig):
+        model, tokenizer, source_dir = load_model(config.model, config.dtype)
+        self._init(model, tokenizer, config, source_dir)
+
+    @classmethod
+    def from_model(cls, model: PreTrainedModel, config: EngineConfig, tokenizer=None) -> OffloadEngine:
+        """Offload an in-memory model (patched in place; its expert weights are dropped)."""
+        engine = cls.__new__(cls)
+        engine._init(model, tokenizer, config, None)
+        return engine
+
+    def _init(self, model: PreTrainedModel, tokenizer, config: EngineConfig, source_dir: Path | None) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+        self.device = _device(config.device)
+        link = link_by_name(config.link)
+        adapter = adapter_for(model)
+        policy = build_policy(config.policy, config.prefetch)
+        if policy.needs_future:
+            raise UsageError(f"policy {policy.name!r} reads the future and needs a trace: use moe-env bench")
+        capacity = parse_slots(config.cache_slots, adapter)
+        self.spec = ModelSpec(
+            num_layers=len(adapter.layers),
+            num_experts=adapter.num_experts,
+            top_k=adapter.top_k,
+            expert_bytes=adapter.shape.nbytes,
+            name=str(getattr(model.config, "name_or_path", "") or config.model),
+        )
+        store = self._build_store(adapter, source_dir)
+        self.runtime = OffloadRuntime(
+            adapter,
+            store,
+            SlotPools(adapter.shape, len(adapter.layers), capacity, self.device),
+            ExpertCacheState(self.spec, capacity, policy),
+            make_copy_engine(self.device, link),
+            keep_experts=config.keep_experts,
+        )
+        self.runtime.install()
+        self.model = model.to(self.device).eval()
+        self._starts: list[Callable[[list[int]], None]] = []
+        self._ends: list[Callable[[GenerationResult], None]] = []
+
+    def _build_store(self, adapter: ModelAdapter, source_dir: Path | None) -> HostExpertStore:
+        if self.device.type == "cuda":
+            return PinnedExpertStore(adapter)
+        if self.config.store_dir is not None:
+            directory = Path(self.config.store_dir)
+        elif source_dir is not None:
+            directory = Path(os.path.expanduser("~/.cache/moe-env")) / _store_key(source_dir, adapter)
+        else:
+            self._tmp = tempfile.TemporaryDirectory(prefix="moe-env-store-")
+            directory = Path(self._tmp.name)
+        return DiskExpertStore.write(adapter, directory / "experts.safetensors")
+
+    # -- public API ----------------------------------------------------------------------------------------------
+    @property
+    def capacity(self) -> int:
+        return self.runtime.cache_state.capacity
+
+    @property
+    def cache_state(self) -> ExpertCacheState:
+        return self.runtime.cache_state
+
+    def add_observer(self, observer: RoutingObserver) -> None:
+        self.runtime.observers.append(observer)
+
+    def on_sequence_start(self, hook: Callable[[list[int]], None]) -> None:
+        self._starts.append(hook)
+
+    def on_sequence_end(self, hook: Callable[[GenerationResult], None]) -> None:
+        self._ends.append(hook)
+
+    def encode(self, prompt: str | Sequence[int]) -> list[int]:
+        if not isinstance(prompt, str):
+            ids = [int(t) for t in prompt]
+        elif self.tokenizer is None:
+            raise UsageError("this model has no tokenizer: pass prompt token ids instead of text")
+        else:
+            ids = list(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        if not ids:
+            raise UsageError("empty prompt: give at least one token")
+        vocab = int(self.model.config.vocab_size)
+        if not all(0 <= t < vocab for t in ids):
+            raise UsageError(f"prompt token ids must lie in 0..{vocab - 1}")
+        return ids
+
+    def generate(
+        self,
+        prompt: str | Sequence[int],
+        max_new_tokens: int,
+        keep_logits: bool = False,
+        stop_at_eos: bool = False,
+        on_step: Callable[[int], None] | None = None,
+    ) -> GenerationResult:
+        """Greedy-decode `max_new_tokens` tokens; `on_step(step)` runs before each forward (progress bars)."""
+        if max_new_tokens < 1:
+            raise UsageError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        prompt_ids = self.encode(prompt)
+        for hook in self._starts:
+            hook(prompt_ids)
+        runtime = self.runtime
+        runtime.begin_sequence()
+        runtime.cache_state.counters = Counters()  # per-generate metrics
+        runtime.copier.reset_stats()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+        def set_step(step: int) -> None:
+            runtime.step = step
+            if on_step is not None:
+                on_step(step)
+
+        eos = self.tokenizer.eos_token_id if (stop_at_eos and self.tokenizer is not None) else None
+        tokens, logits, ttft, decode_s = greedy_decode(
+            self.model, prompt_ids, max_new_tokens, self.device, set_step, keep_logits, eos
+        )
+        runtime.cache_state.finish()
+        decode_tokens = len(tokens) - 1
+        metrics = RunMetrics.from_counters(
+            runtime.cache_state.counters,
+            stall_s=runtime.copier.stall_s(),
+            copy_s=runtime.copier.copy_s(),
+            ttft_s=ttft,
+            decode_s=decode_s,
+            tokens_per_s=decode_tokens / decode_s if decode_s > 0 else 0.0,
+            new_tokens=len(tokens),
+            peak_cache_bytes=(
+                torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else runtime.pools.nbytes
+            ),
+        )
+        text = self.tokenizer.decode(tokens) if self.tokenizer is not None else None
+        result = GenerationResult(tokens=tokens, text=text, metrics=metrics, logits=logits)
+        for hook in self._ends:
+            hook(result)
+        return result
+
+    def close(self) -> None:
+        self.runtime.close()
+        tmp = getattr(self, "_tmp", None)
+        if tmp is not None:
+            tmp.cleanup()
+
+    def __enter__(self) -> OffloadEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# -- loading ---------------------------------------------------------------------------------------------------
+def parse_slots(value: int | str, adapter: ModelAdapter) -> int:
+    """Slots per layer: "all" or an int in top_k..num_experts (a layer's routed experts must fit at once)."""
+    if isinstance(value, str) and value.strip().lower() == "all":
+        return adapter.num_experts
+    try:
+        slots = int(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"cache slots must be an integer or 'all', got {value!r}") from None
+    if not adapter.top_k <= slots <= adapter.num_experts:
+        raise UsageError(
+            f"cache slots {slots} outside {adapter.top_k}..{adapter.num_experts}: at least top-k={adapter.top_k} "
+            f"(one token's experts) and at most the {adapter.num_experts} experts of a layer"
+        )
+    return slots
+
+
+def _device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"unknown device {name!r}; use cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("device cuda requested but CUDA is not available")
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"unsupported device {name!r}; use cpu or cuda")
+    return device
+
+
+def resolve_model_dir(name: str) -> Path:
+    """A local model directory, or an embedded model's directory."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path
+    try:
+        from moe_env import embedded
+    except ImportError:
+        embedded = None
+    if embedded is not None and name in embedded.EMBEDDED_MODELS:
+        directory = Path(embedded.embedded_model_dir(name))
+        if (directory / "config.json").exists():
+            return directory
+        if name != DEFAULT_MODEL:
+            raise ModelError(f"embedded model {name!r} is not built yet: run train/pretrain.py (see README)")
+    if name == DEFAULT_MODEL:
+        return _placeholder_model_dir()  # the default model is not trained yet in this checkout
+    known = ", ".join(sorted(embedded.EMBEDDED_MODELS)) if embedded is not None else DEFAULT_MODEL
+    raise UsageError(f"model {name!r} is neither a local model directory nor an embedded model ({known})")
+
+
+def _placeholder_model_dir() -> Path:
+    """Until the embedded models ship: a random-weight Mixtral with a byte tokenizer, saved once in a temp dir."""
+    from moe_env.models.tiny import byte_tokenizer, tiny_model
+
+    directory = Path(tempfile.gettempdir()) / "moe-env-placeholder-mixtral"
+    if not (directory / "config.json").exists():
+        model = tiny_model("mixtral", seed=0, vocab_size=256, hidden_size=64, intermediate_size=128)
+        staging = Path(tempfile.mkdtemp(prefix=".placeholder-", dir=directory.parent))
+        model.save_pretrained(staging)
+        byte_tokenizer().save_pretrained(staging)
+        with contextlib.suppress(OSError):  # another process won the race; its copy is identical
+            os.replace(staging, directory)
+    return directory
+
+
+def load_model(name: str, dtype: str | None) -> tuple[PreTrainedModel, object | None, Path]:
+    directory = resolve_model_dir(name)
+    if not (directory / "config.json").exists():
+        raise ModelError(f"{directory} has no config.json: not a Hugging Face model directory")
+    torch_dtype: torch.dtype | str = "auto"
+    if dtype is not None:
+        if dtype not in _DTYPES:
+            raise UsageError(f"unknown dtype {dtype!r}; known: {', '.join(_DTYPES)}")
+        torch_dtype = _DTYPES[dtype]
+    try:
+        config_type = json.loads((directory / "config.json").read_text()).get("model_type")
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelError(f"{directory}/config.json is unreadable: {exc}") from None
+    from moe_env.models import supported_model_types
+
+    if config_type not in supported_model_types():
+        raise ModelError(
+            f"model type {config_type!r} is not a supported MoE family; supported: {', '.join(supported_model_types())}"
+        )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch_dtype, experts_implementation="eager")
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load model from {directory}: {str(exc).splitlines()[0]}") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+    except (OSError, ValueError):
+        tokenizer = None
+    return model.eval(), tokenizer, directory
+
+
+def _store_key(source_dir: Path, adapter: ModelAdapter) -> str:
+    """Identifies the packed store of a model directory: its weight files (name, size, mtime) and the dtype."""
+    digest = hashlib.sha256(str(source_dir.resolve()).encode())
+    for weights in sorted(source_dir.glob("*.safetensors")) + sorted(source_dir.glob("*.bin")):
+        stat = weights.stat()
+        digest.update(f"{weights.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    digest.update(str(adapter.shape).encode())
+    return digest.hexdigest()[:16]

@@ -1,0 +1,577 @@
+"""Gymnasium env: the cache's decision loop turned inside out, one decision per routed decode layer.
+
+The agent never bypasses the cache: its action becomes the scores of an ``ActionPolicy`` (a plain Policy), so
+``ExpertCacheState.route`` is consulted exactly as in the engine and the simulator, and the same Policy can be run
+as a plug-in outside the env (agents/) with the same observation, computed by the same ``ObservationBuilder``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
+
+from moe_env.costmodel import CostModel
+from moe_env.errors import UsageError
+from moe_env.policy import CacheView, ModelSpec, Policy, RouteEvent, make_policy
+from moe_env.routing import LayerRouting, route_events
+from moe_env.sim import Replayer, cost_model_for, simulate
+from moe_env.trace import Trace, load_trace
+
+ENV_ID = "moe_env/MoEOffload-v0"  # registered by moe_env/__init__.py
+REWARDS = ("stall", "stall_vs_lru")
+FREQ_DECAY = 0.9  # per token: the decayed frequency feature forgets a use after ~10 tokens
+
+
+# ------------------------------------------------------------------------------------------- observation
+
+
+def _softmax(logits: np.ndarray | None, n: int) -> np.ndarray:
+    if logits is None:
+        return np.zeros(n, dtype=np.float32)
+    x = np.asarray(logits, dtype=np.float64)
+    if not np.isfinite(x).all():
+        return np.zeros(n, dtype=np.float32)
+    x = np.exp(x - x.max())
+    return (x / x.sum()).astype(np.float32)
+
+
+class ObservationBuilder:
+    """Features of the decision "layer l has routed; act on layer (l + 1) mod L". Stateful over one sequence.
+
+    Call ``observation(event, cache)`` BEFORE the cache routes ``event`` and ``update(event)`` after; the env and
+    the learned plug-ins both do exactly that (the plug-ins from Policy.observe), so their observations agree.
+    Layout (E experts, L layers), all in [-1, 1] or [0, 1]:
+      [0E:1E) lookahead probs of the target layer (softmax of gate_{l+1}(h_l); zeros when absent)
+      [1E:2E) gate probs of layer l (the current router; zeros when absent)
+      [2E:3E) experts selected by layer l now (multi-hot)
+      [3E:4E) experts the target layer selected at the previous token (multi-hot)
+      [4E:5E) resident mask of the target layer (in flight included)
+      [5E:6E) in-flight mask of the target layer
+      [6E:7E) recency of each target-layer expert: 1 / (1 + tokens since its last use), 0 if never used
+      [7E:8E) decayed use frequency of each target-layer expert (decay 0.9 per token, scaled to [0, 1])
+      [8E:9E) long-run use frequency of each target-layer expert: uses this sequence / (tokens so far + 1)
+      [9E:9E+L) one-hot of the target layer
+      then: lookahead available, target wraps to the next token, capacity / E, queued copies / capacity,
+            expected demand misses of layer l / k
+    """
+
+    def __init__(self, spec: ModelSpec, capacity: int):
+        self.model_spec = spec
+        self.capacity = capacity
+        num_layers, num_experts = spec.num_layers, spec.num_experts
+        self.size = 9 * num_experts + num_layers + 5
+        self._freq = np.zeros((num_layers, num_experts), dtype=np.float64)
+        self._freq_step = np.zeros(num_layers, dtype=np.int64)  # token at which _freq[layer] was last decayed
+        self._last_token = np.full((num_layers, num_experts), -(10**9), dtype=np.int64)
+        self._prev_experts = np.zeros((num_layers, num_experts), dtype=np.float32)
+        self._uses = np.zeros((num_layers, num_experts), dtype=np.float64)
+        self._token = 0
+
+    def reset(self) -> None:
+        self.__init__(self.model_spec, self.capacity)
+
+    def update(self, event: RouteEvent) -> None:
+        """Account one routed event (prefill chunks count as uses at token 0)."""
+        layer = event.layer
+        token = max(event.step, 0)
+        self._token = token
+        if token > self._freq_step[layer]:
+            self._freq[layer] *= FREQ_DECAY ** (token - self._freq_step[layer])
+            self._freq_step[layer] = token
+        experts = list(event.experts)
+        self._freq[layer, experts] += 1.0
+        self._uses[layer, experts] += 1.0
+        self._last_token[layer, experts] = token
+        if not event.prefill:
+            row = self._prev_experts[layer]
+            row[:] = 0.0
+            row[experts] = 1.0
+
+    def observation(self, event: RouteEvent, cache: CacheView) -> np.ndarray:
+        spec = self.model_spec
+        num_layers, num_experts = spec.num_layers, spec.num_experts
+        layer = event.layer
+        target = (layer + 1) % num_layers
+        wraps = target == 0
+        token = max(event.step, 0) + (1 if wraps else 0)
+        obs = np.zeros(self.size, dtype=np.float32)
+        lookahead = None if wraps else event.lookahead_logits
+        e = num_experts
+        obs[0:e] = _softmax(lookahead, e)
+        obs[e : 2 * e] = _softmax(event.gate_logits, e)
+        obs[2 * e + np.asarray(event.experts, dtype=np.int64)] = 1.0
+        obs[3 * e : 4 * e] = self._prev_experts[target]
+        resident = cache.resident(target)
+        if resident:
+            obs[4 * e + np.asarray(resident, dtype=np.int64)] = 1.0
+        in_flight = cache.in_flight(target)
+        if in_flight:
+            obs[5 * e + np.asarray(in_flight, dtype=np.int64)] = 1.0
+        since = token - self._last_token[target]
+        obs[6 * e : 7 * e] = np.where(since >= 0, 1.0 / (1.0 + np.maximum(since, 0)), 0.0)
+        decay = FREQ_DECAY ** max(token - int(self._freq_step[target]), 0)
+        obs[7 * e : 8 * e] = np.minimum(self._freq[target] * decay * (1.0 - FREQ_DECAY), 1.0)
+        obs[8 * e : 9 * e] = np.minimum(self._uses[target] / (token + 1.0), 1.0)
+        obs[9 * e + target] = 1.0
+        base = 9 * e + num_layers
+        obs[base] = 0.0 if lookahead is None else 1.0
+        obs[base + 1] = 1.0 if wraps else 0.0
+        obs[base + 2] = self.capacity / num_experts
+        queued = sum(len(cache.in_flight(m)) for m in range(num_layers))
+        obs[base + 3] = min(queued / self.capacity, 1.0)
+        misses = sum(1 for x in event.experts if not cache.is_resident(layer, x))
+        obs[base + 4] = misses / max(spec.top_k, 1)
+        return obs
+
+
+# ------------------------------------------------------------------------------------------------ action
+
+
+class ActionPolicy(Policy):
+    """A Policy whose decisions are per-expert scores in [-1, 1] for each layer, set from outside (an action).
+
+    For the target layer: experts scoring > 0 that are not resident are prefetched, highest first, at most the
+    ``capacity`` best-scoring ones; when a slot must be freed the lowest score is evicted (ties: least recently
+    used). A layer with no scores yet (prefill, the first decode layer) uses the ``fallback`` policy's eviction
+    scores (default: the base Policy, i.e. LRU) and no prefetch; the fallback observes every event, so a stateful
+    heuristic stays exact and ``action_from_policy(fallback, ...)`` reproduces it.
+    """
+
+    name = "action"
+
+    def __init__(self, fallback: Policy | None = None):
+        self.fallback = fallback or Policy()
+
+    def reset(self, spec: ModelSpec, capacity: int) -> None:
+        super().reset(spec, capacity)
+        self.fallback.reset(spec, capacity)
+        self.scores: list[np.ndarray | None] = [None] * spec.num_layers
+        self._pending_target = -1
+
+    def observe(self, event: RouteEvent, cache: CacheView) -> None:
+        self.fallback.observe(event, cache)
+
+    def set_scores(self, target: int, scores: np.ndarray) -> None:
+        self.scores[target] = np.clip(np.asarray(scores, dtype=np.float64).reshape(-1), -1.0, 1.0)
+        self._pending_target = target
+
+    def eviction_scores(self, layer: int, candidates: np.ndarray, cache: CacheView) -> np.ndarray:
+        scores = self.scores[layer]
+        if scores is None:
+            return self.fallback.eviction_scores(layer, candidates, cache)
+        return scores[candidates]
+
+    def prefetch(self, event: RouteEvent, cache: CacheView) -> Sequence[tuple[int, int]]:
+        target = self._pending_target
+        self._pending_target = -1
+        if target < 0 or event.prefill:
+            return ()
+        scores = self.scores[target]
+        best = np.argsort(-scores, kind="stable")[: self.capacity]
+        return [(target, int(x)) for x in best if scores[x] > 0.0 and not cache.is_resident(target, int(x))]
+
+
+def rank_scores(values: np.ndarray, low: float = -1.0, high: float = 0.0) -> np.ndarray:
+    """Order-preserving map of arbitrary values into [low, high) (equal values get equal scores)."""
+    values = np.asarray(values, dtype=np.float64)
+    _, inverse = np.unique(values, return_inverse=True)
+    return low + (high - low) * inverse.astype(np.float64) / max(len(values), 1)
+
+
+def action_from_policy(policy: Policy, event: RouteEvent, cache: CacheView) -> np.ndarray:
+    """The env action that reproduces `policy` at this decision point.
+
+    Eviction order: the policy's eviction scores over all experts of the target layer, rank-mapped into [-1, 0);
+    its prefetches of non-resident experts of the target layer get scores in (0, 1] in priority order. Call it
+    before ``env.step`` with the event and cache the env exposes (``env.unwrapped.current_event``, ``.cache``).
+    A stateful policy must observe every event: use the env's fallback (``env.unwrapped.policy.fallback``).
+    """
+    spec = policy.spec
+    target = (event.layer + 1) % spec.num_layers
+    everyone = np.arange(spec.num_experts, dtype=np.int64)
+    scores = rank_scores(policy.eviction_scores(target, everyone, cache))
+    # a prefetch of a resident expert is a no-op for the policy: leave its eviction rank alone
+    wanted = [x for (m, x) in policy.prefetch(event, cache) if m == target and not cache.is_resident(m, x)]
+    for rank, expert in enumerate(wanted[: cache.capacity]):
+        scores[expert] = 1.0 - rank / (2.0 * cache.capacity)
+    return scores.astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------------- env
+
+
+class MoEOffloadEnv(gym.Env):
+    """Expert offloading as an MDP: one step per routed decode layer of one sequence.
+
+    OBSERVATION: Box [0, 1]^(9E + L + 5) built by ``ObservationBuilder`` at the decision point "layer l has routed
+    (its experts, gate logits and the lookahead logits for l + 1 are known), layer l + 1 has not": lookahead probs
+    for the target layer, the current gate probs and selection, the target layer's previous-token selection,
+    resident and in-flight masks, recency, decayed and long-run frequency, target-layer one-hot, lookahead
+    available, wrap to the next token, capacity / E, queued copies / capacity, expected demand misses of layer l.
+    The target of the last layer's decision is layer 0 of the next token (no lookahead signal there).
+
+    ACTION: Box [-1, 1]^E, a score per expert of the target layer (``ActionPolicy``): experts scoring > 0 that are
+    not resident are prefetched (best first, at most ``capacity``), the lowest score is evicted whenever the target
+    layer needs a slot (for the prefetches and for its own demand misses, which are always forced). Eviction and
+    prefetch in one action; every heuristic is expressible (``action_from_policy``).
+
+    REWARD: minus the modeled stall in ms (moe_env.sim.Replayer's cost model: one FIFO link, copies overlap
+    compute) of the layer routed in this step (``reward="stall"``), or minus the stall in excess of what rolling
+    LRU without prefetch stalls on the same layer and token (``"stall_vs_lru"``, a shadow replay). The action of a
+    step takes effect from this step's prefetches on; its target layer is routed (and stalls) in the next step.
+
+    EPISODE: one sequence of a trace (chosen with the env's seeded RNG, or ``options={"sequence": i}``); its
+    prefill is replayed with the ``fallback`` policy (LRU) and no prefetch before the first decision; it ends after
+    the last decode layer. ``action_from_policy(env.policy.fallback, env.current_event, env.cache)`` replays the
+    fallback heuristic exactly (``fallback="belady"`` etc.), as the parity tests do.
+    ``info``: hit_rate, hits, misses, stall_s, tokens so far (decode); the last step adds gap_captured =
+    (hit_rate - LRU) / (Belady - LRU) on this sequence (references without prefetch, as in ``moe-env bench``).
+
+    Backends: ``replay`` (this class: a Trace and the cost model); ``live`` (moe_env.env_live, the real engine
+    decoding prompts, same spaces and reward).
+    """
+
+    metadata = {"render_modes": []}  # noqa: RUF012 (gymnasium's convention)
+
+    def __init__(
+        self,
+        trace: Trace | str = "builtin:tiny-mixtral/train",
+        capacity: int | None = None,
+        reward: str = "stall",
+        profile: str | CostModel | None = None,
+        reference_metrics: bool = True,
+        fallback: str = "lru",
+    ):
+        if reward not in REWARDS:
+            raise UsageError(f"unknown reward {reward!r}; choose one of {', '.join(REWARDS)}")
+        if isinstance(trace, str):
+            trace = load_trace(trace)
+        if not trace.sequences:
+            raise UsageError("the trace holds no sequences")
+        meta = trace.meta
+        self.trace = trace
+        self.cost = cost_model_for(meta, profile)
+        self.capacity = capacity or default_capacity(meta.num_experts, meta.top_k)
+        self.reward_kind = reward
+        self.reference_metrics = reference_metrics
+        self.policy = ActionPolicy(make_policy(fallback))
+        self.replayer = Replayer(meta, self.policy, self.capacity, self.cost, with_oracle=True)
+        self.model_spec = self.replayer.spec
+        self.builder = ObservationBuilder(self.model_spec, self.capacity)
+        self.observation_space = spaces.Box(0.0, 1.0, shape=(self.builder.size,), dtype=np.float32)
+        self.action_space = spaces.Box(-1.0, 1.0, shape=(meta.num_experts,), dtype=np.float32)
+        self._routings: dict[int, tuple[list[LayerRouting], list[tuple[LayerRouting, RouteEvent]]]] = {}
+        self._references: dict[int, tuple[float, float]] = {}
+        self._shadow: Replayer | None = None
+        self.sequence_index = 0
+        self._decode: list[tuple[LayerRouting, RouteEvent]] = []
+        self._cursor = 0
+        self.stats = EpisodeStats()
+
+    @staticmethod
+    def observation_size(spec: ModelSpec) -> int:
+        return ObservationBuilder(spec, spec.top_k).size
+
+    @property
+    def cache(self) -> CacheView:
+        return self.replayer.cache
+
+    @property
+    def current_event(self) -> RouteEvent:
+        """The decode event whose decision is pending (what the observation describes)."""
+        return self._decode[self._cursor][1]
+
+    def _sequence(self, index: int) -> tuple[list[LayerRouting], list[tuple[LayerRouting, RouteEvent]]]:
+        if index not in self._routings:
+            prefill, decode = [], []
+            for routing in self.trace.sequences[index].routings():
+                if routing.prefill:
+                    prefill.append(routing)
+                else:
+                    (event,) = route_events(routing, self.capacity)
+                    decode.append((routing, event))
+            if not decode:
+                raise UsageError(f"sequence {index} of the trace has no decode steps")
+            self._routings[index] = (prefill, decode)
+        return self._routings[index]
+
+    def _process(self, routing: LayerRouting) -> float:
+        outcome = self.replayer.process(routing)
+        for plan in outcome.plans:
+            self.builder.update(plan.event)
+        if not routing.prefill:
+            self.stats.hits += outcome.hits
+            self.stats.misses += outcome.misses
+            self.stats.stall_s += outcome.stall_s
+        return outcome.stall_s
+
+    def _info(self) -> dict:
+        s = self.stats
+        return {"hit_rate": s.hit_rate, "hits": s.hits, "misses": s.misses, "stall_s": s.stall_s, "tokens": s.tokens}
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        options = options or {}
+        if "sequence" in options:
+            index = int(options["sequence"])
+            if not 0 <= index < len(self.trace.sequences):
+                raise UsageError(f"sequence {index} outside 0..{len(self.trace.sequences) - 1}")
+        else:
+            index = int(self.np_random.integers(len(self.trace.sequences)))
+        self.sequence_index = index
+        sequence = self.trace.sequences[index]
+        prefill, self._decode = self._sequence(index)
+        self._cursor = 0
+        self.stats = EpisodeStats(tokens=sequence.num_steps)
+        self.replayer.begin_sequence(sequence)
+        self.builder.reset()
+        self._shadow = None
+        if self.reward_kind == "stall_vs_lru":
+            self._shadow = Replayer(self.trace.meta, make_policy("lru"), self.capacity, self.cost)
+            self._shadow.begin_sequence(sequence)
+        for routing in prefill:
+            self._process(routing)
+            if self._shadow is not None:
+                self._shadow.process(routing)
+        return self.builder.observation(self.current_event, self.cache), self._info()
+
+    def step(self, action):
+        routing, event = self._decode[self._cursor]
+        self.policy.set_scores((event.layer + 1) % self.model_spec.num_layers, np.asarray(action, dtype=np.float64))
+        stall = self._process(routing)
+        if self._shadow is not None:
+            stall -= self._shadow.process(routing).stall_s
+        self._cursor += 1
+        terminated = self._cursor >= len(self._decode)
+        info = self._info()
+        if terminated:
+            self.replayer.cache.finish()
+            if self.reference_metrics:
+                info["gap_captured"] = self.gap_captured(self.stats.hit_rate)
+            obs = np.zeros(self.builder.size, dtype=np.float32)
+        else:
+            obs = self.builder.observation(self.current_event, self.cache)
+        return obs, float(-1e3 * stall), terminated, False, info
+
+    def gap_captured(self, hit_rate: float) -> float:
+        """(hit_rate - LRU) / (Belady - LRU) on the current sequence (NaN when Belady = LRU)."""
+        lru, belady = self.reference_hit_rates(self.sequence_index)
+        return (hit_rate - lru) / (belady - lru) if belady > lru else float("nan")
+
+    def reference_hit_rates(self, index: int) -> tuple[float, float]:
+        """Decode hit rates of LRU and Belady (no prefetch) on one sequence, computed once."""
+        if index not in self._references:
+            one = Trace(self.trace.meta, [self.trace.sequences[index]])
+            self._references[index] = tuple(  # type: ignore[assignment]
+                simulate(one, name, self.capacity, self.cost).hit_rate for name in ("lru", "belady")
+            )
+        return self._references[index]
+
+
+@dataclass
+class EpisodeStats:
+    hits: int = 0
+    misses: int = 0
+    stall_s: float = 0.0
+    tokens: int = 0
+
+    @property
+    def hit_rate(self) -> float:
+        total = self.hits + self.misses
+        return self.hits / total if total else 0.0
+
+
+def default_capacity(num_experts: int, top_k: int) -> int:
+    """Half the experts of a layer (at least top-k): the regime where policies differ most."""
+    return max(top_k, num_experts // 2)
+
+
+def rollout(
+    env: MoEOffloadEnv, choose: Callable[[np.ndarray, MoEOffloadEnv], np.ndarray], sequence: int, seed: int = 0
+) -> dict:
+    """Run one episode with `choose(obs, env) -> action`; returns the final info."""
+    obs, info = env.reset(seed=seed, options={"sequence": sequence})
+    terminated = False
+    while not terminated:
+        obs, _, terminated, _, info = env.step(choose(obs, env))
+    return info
+
+
+# ------------------------------------------------------------------------------------------------ live backend
+
+
+class _EpisodeAborted(BaseException):
+    """Raised inside the engine's thread to stop a generate that the env no longer wants (reset/close)."""
+
+
+class LiveMoEOffloadEnv(gym.Env):
+    """The same MDP over the real OffloadEngine: a model decodes prompts while the agent makes the decisions.
+
+    Inversion of control: ``engine.generate`` runs in a worker thread; the engine's routing observer (called
+    before each layer's experts are acquired) builds the observation from the engine's own cache, hands it to
+    ``step`` and waits for the action, which becomes the scores of the engine's ActionPolicy. Spaces, decision
+    point and action semantics are MoEOffloadEnv's. The reward is the cost model's stall for the same plans: a
+    lockstep Replayer with an identical ActionPolicy routes the same routings (its counters equal the engine's,
+    which the tests check); the engine's own measured metrics (wall-clock stall, tokens/s) arrive in the last
+    ``info`` under ``engine``. Episode: one prompt, ``max_new_tokens`` greedy tokens.
+    """
+
+    metadata = {"render_modes": []}  # noqa: RUF012 (gymnasium's convention)
+
+    def __init__(
+        self,
+        model: Any = "tiny-mixtral",
+        prompts: str | Sequence[str | Sequence[int]] = "builtin:train",
+        max_new_tokens: int = 32,
+        capacity: int | None = None,
+        reward: str = "stall",
+        profile: str | CostModel | None = None,
+        fallback: str = "lru",
+    ):
+        import queue
+
+        from moe_env.engine import EngineConfig, OffloadEngine, load_model
+        from moe_env.models import adapter_for
+        from moe_env.trace import TraceMeta
+
+        if reward != "stall":
+            raise UsageError("the live backend supports reward='stall' only")
+        if isinstance(model, str):
+            model, tokenizer, _ = load_model(model, None)
+        else:
+            tokenizer = None
+        adapter = adapter_for(model)
+        capacity = capacity or default_capacity(adapter.num_experts, adapter.top_k)
+        self.policy = ActionPolicy(make_policy(fallback))
+        self.engine = OffloadEngine.from_model(model, EngineConfig(cache_slots=capacity, policy=self.policy), tokenizer)
+        self.engine.add_observer(self._observe)
+        self.model_spec = self.engine.spec
+        self.capacity = capacity
+        if isinstance(prompts, str):  # a prompt-set spec (moe_env.prompts)
+            from moe_env.prompts import load_prompts
+
+            prompts = [p.text for p in load_prompts(prompts)]
+        if not prompts:
+            raise UsageError("the live env needs at least one prompt")
+        self.prompts = list(prompts)
+        self.max_new_tokens = max_new_tokens
+        spec = self.model_spec
+        meta = TraceMeta(
+            spec.name, spec.num_layers, spec.num_experts, spec.top_k, "live", expert_bytes=spec.expert_bytes
+        )
+        self.cost = cost_model_for(meta, profile)
+        self.shadow = Replayer(meta, ActionPolicy(make_policy(fallback)), capacity, self.cost)
+        self.builder = ObservationBuilder(spec, capacity)
+        self.observation_space = spaces.Box(0.0, 1.0, shape=(self.builder.size,), dtype=np.float32)
+        self.action_space = spaces.Box(-1.0, 1.0, shape=(spec.num_experts,), dtype=np.float32)
+        self._to_env: queue.Queue = queue.Queue()
+        self._to_engine: queue.Queue = queue.Queue()
+        self._worker: Any = None
+        self._unaccounted: list[RouteEvent] = []
+        self._stall = 0.0
+        self.current_event: RouteEvent | None = None
+
+    @property
+    def cache(self) -> CacheView:
+        return self.engine.cache_state
+
+    # -- engine thread ---------------------------------------------------------------------------------------
+    def _observe(self, routing: LayerRouting) -> None:
+        for event in self._unaccounted:
+            self.builder.update(event)
+        events = list(route_events(routing, self.capacity))
+        self._unaccounted = events
+        if not routing.prefill:
+            event = events[0]
+            self._to_env.put(("obs", self.builder.observation(event, self.engine.cache_state), event, self._stall))
+            self._stall = 0.0
+            action = self._to_engine.get()
+            if action is None:
+                raise _EpisodeAborted
+            target = (event.layer + 1) % self.model_spec.num_layers
+            self.policy.set_scores(target, action)
+            self.shadow.policy.set_scores(target, action)  # type: ignore[attr-defined]
+        stall = self.shadow.process(routing).stall_s
+        if not routing.prefill:
+            self._stall += stall
+
+    def _run(self, prompt: str | Sequence[int]) -> None:
+        try:
+            result = self.engine.generate(prompt, self.max_new_tokens)
+            self._to_env.put(("done", result, None, self._stall))
+        except _EpisodeAborted:
+            self._to_env.put(("aborted", None, None, 0.0))
+        except Exception as exc:  # surfaced in the env's thread
+            self._to_env.put(("error", exc, None, 0.0))
+
+    # -- gym API ---------------------------------------------------------------------------------------------
+    def _stop_worker(self) -> None:
+        if self._worker is not None and self._worker.is_alive():
+            self._to_engine.put(None)
+            while self._to_env.get()[0] not in ("aborted", "done", "error"):
+                self._to_engine.put(None)
+            self._worker.join()
+        self._worker = None
+
+    def _receive(self):
+        kind, payload, event, stall = self._to_env.get()
+        if kind == "error":
+            raise payload
+        return kind, payload, event, stall
+
+    def _info(self) -> dict:
+        c = self.shadow.cache.counters
+        return {"hit_rate": c.hit_rate, "hits": c.hits, "misses": c.misses, "stall_s": self.shadow._stall_s}
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        import threading
+
+        super().reset(seed=seed)
+        self._stop_worker()
+        options = options or {}
+        index = int(options.get("prompt", self.np_random.integers(len(self.prompts))))
+        if not 0 <= index < len(self.prompts):
+            raise UsageError(f"prompt {index} outside 0..{len(self.prompts) - 1}")
+        self.shadow = Replayer(self.shadow.meta, self.shadow.policy, self.capacity, self.cost)
+        self.shadow.begin_sequence()
+        self.builder.reset()
+        self._unaccounted, self._stall = [], 0.0
+        self._worker = threading.Thread(target=self._run, args=(self.prompts[index],), daemon=True)
+        self._worker.start()
+        kind, obs, event, _ = self._receive()
+        if kind != "obs":
+            raise UsageError("the prompt produced no decode step: raise max_new_tokens above 1")
+        self.current_event = event
+        return obs, self._info()
+
+    def step(self, action):
+        self._to_engine.put(np.asarray(action, dtype=np.float64))
+        kind, payload, event, stall = self._receive()
+        info = self._info()
+        if kind == "done":
+            self._worker.join()
+            self._worker = None
+            self.shadow.cache.finish()
+            info["engine"] = payload.metrics
+            info["tokens"] = len(payload.tokens)
+            return np.zeros(self.builder.size, dtype=np.float32), float(-1e3 * stall), True, False, info
+        self.current_event = event
+        return payload, float(-1e3 * stall), False, False, info
+
+    def close(self) -> None:
+        self._stop_worker()
+        self.engine.close()
+
+
+def make_env(backend: str = "replay", **kwargs: Any) -> gym.Env:
+    """The gymnasium entry point: ``gym.make("moe_env/MoEOffload-v0", backend="live", model=..., prompts=...)``."""
+    if backend == "replay":
+        return MoEOffloadEnv(**kwargs)
+    if backend == "live":
+        return LiveMoEOffloadEnv(**kwargs)
+    raise UsageError(f"unknown env backend {backend!r}; choose replay or live")

@@ -1,0 +1,15 @@
+"""First in, first out: evict the resident expert that was loaded longest ago (reuse does not matter)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from moe_env.policy import CacheView, Policy
+
+
+class FIFOPolicy(Policy):
+    name = "fifo"
+    replay_kernel = "fifo"  # moe_env.sim_kernels reproduces this scorer exactly (demand-only runs)
+
+    def eviction_scores(self, layer: int, candidates: np.ndarray, cache: CacheView) -> np.ndarray:
+        return cache.loaded_at(layer)[candidates].astype(np.float64)

@@ -1,0 +1,26 @@
+"""Oracle prefetch: load exactly the experts the next layer will route to (replay only: an upper bound).
+
+After layer l of token t, prefetch the experts of (t, l+1), or of (t+1, 0) after the last layer: what a perfect
+one-layer-ahead predictor would fetch. Nothing is prefetched during prefill.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from moe_env.policy import CacheView, Policy, RouteEvent
+
+
+class OraclePrefetch(Policy):
+    prefetch_only = True
+    needs_future = True
+    name = "oracle"
+
+    def prefetch(self, event: RouteEvent, cache: CacheView) -> Sequence[tuple[int, int]]:
+        if event.prefill:
+            return ()
+        step, layer = event.step, event.layer + 1
+        if layer >= self.spec.num_layers:
+            step, layer = step + 1, 0
+        experts = cache.future_experts(step, layer)
+        return [(layer, e) for e in experts] if experts else ()

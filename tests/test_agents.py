@@ -1,0 +1,229 @@
+"""Learned policies: plug-ins decide as in the env, checkpoints round-trip and are validated, scripts run end to end."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_env import synthetic_trace
+
+from agents.checkpoint import load_checkpoint, save_checkpoint, shipped_policy_path
+from agents.ppo import PPOConfig, PPOPolicy, actor_critic, save_ppo_policy
+from agents.predictor import PredictorConfig, PredictorPolicy, collect_samples, save_predictor, train_predictor
+from agents.prior import ScorePrior
+from moe_env.env import MoEOffloadEnv, rollout
+from moe_env.errors import CheckpointError
+from moe_env.policy import make_policy
+from moe_env.sim import simulate
+from moe_env.trace import save_trace
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def trace():
+    return synthetic_trace()
+
+
+@pytest.fixture(scope="module")
+def predictor_path(trace, tmp_path_factory):
+    samples = collect_samples(trace, 3, None)
+    net = train_predictor(samples, PredictorConfig(epochs=3, hidden=32), log=lambda _: None)
+    env = MoEOffloadEnv(trace, capacity=3)
+    path = tmp_path_factory.mktemp("pred") / "predictor.pt"
+    save_predictor(net, PredictorConfig(hidden=32, threshold=0.3), env.model_spec, 3, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def ppo_path(trace, tmp_path_factory):
+    env = MoEOffloadEnv(trace, capacity=3)
+    config = PPOConfig(net_arch=[16, 16], prior="features", log_std_init=-1.0)
+    torch.manual_seed(0)
+    net = actor_critic(env.observation_space.shape[0], 6, config)
+    with torch.no_grad():  # make the residual matter: a zero-initialised action head would hide bugs
+        net.action_net.weight.normal_(0.0, 0.5)
+    prior = ScorePrior("features", 3, 6, 3, {"prefetch_threshold": 0.3})
+    path = tmp_path_factory.mktemp("ppo") / "ppo.pt"
+    save_ppo_policy(net, prior, config, env.model_spec, 3, path)
+    return path
+
+
+def env_decisions_equal_simulator(trace, policy_spec: str) -> tuple[dict, object]:
+    """The plug-in through the simulator vs the same network acting on the env's observations."""
+    env = MoEOffloadEnv(trace, capacity=3)
+    actor = make_policy(policy_spec)
+    actor.reset(env.model_spec, 3)
+    hits = misses = 0
+    stall = 0.0
+    for i in range(len(trace.sequences)):
+        info = rollout(env, lambda obs, e: actor.act(obs, e.current_event, e.cache), i)
+        hits, misses, stall = hits + info["hits"], misses + info["misses"], stall + info["stall_s"]
+    result = simulate(trace, make_policy(policy_spec), 3)
+    return {"hits": hits, "misses": misses, "stall_s": stall}, result
+
+
+@pytest.mark.parametrize("kind", ["predictor", "ppo"])
+def test_plugin_decides_as_in_the_env(trace, predictor_path, ppo_path, kind):
+    path = predictor_path if kind == "predictor" else ppo_path
+    env_side, sim = env_decisions_equal_simulator(trace, f"{kind}:{path}")
+    assert (env_side["hits"], env_side["misses"]) == (sim.hits, sim.misses)
+    assert env_side["stall_s"] == pytest.approx(sim.stall_s)
+    assert sim.prefetch_issued > 0  # the learned scores do prefetch (the test is not vacuous)
+
+
+def test_ppo_plugin_reproduces_the_sb3_policy(trace, ppo_path):
+    policy = PPOPolicy(ppo_path)
+    saved = load_checkpoint(ppo_path, "ppo")
+    net = actor_critic(saved.obs_size, 6, policy.config)
+    net.load_state_dict({k[len("policy.") :]: v for k, v in saved.state_dict.items() if k.startswith("policy.")})
+    obs = np.random.default_rng(0).uniform(0, 1, size=(20, saved.obs_size)).astype(np.float32)
+    for row in obs:
+        sb3_action, _ = net.predict(row, deterministic=True)
+        np.testing.assert_allclose(np.clip(policy.residual(row), -1, 1), sb3_action, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["predictor", "ppo"])
+def test_save_load_round_trip_gives_identical_decisions(trace, predictor_path, ppo_path, tmp_path, kind):
+    path = predictor_path if kind == "predictor" else ppo_path
+    copy = tmp_path / "copy.pt"
+    save_checkpoint(load_checkpoint(path, kind), copy)
+    a, b = (simulate(trace, make_policy(f"{kind}:{p}"), 3) for p in (path, copy))
+    assert a.as_dict() | {"policy": ""} == b.as_dict() | {"policy": ""}
+
+
+def test_corrupt_and_mismatched_checkpoints_are_refused(trace, predictor_path, ppo_path, tmp_path):
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError, match="not a readable"):
+        PPOPolicy(garbage)
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(ppo_path.read_bytes()[:500])
+    with pytest.raises(CheckpointError):
+        PPOPolicy(truncated)
+    with pytest.raises(CheckpointError, match="expected 'ppo'"):
+        PPOPolicy(predictor_path)
+    with pytest.raises(CheckpointError, match="no such"):
+        make_policy(f"predictor:{tmp_path / 'missing.pt'}")
+    poisoned = load_checkpoint(predictor_path, "predictor")
+    next(iter(poisoned.state_dict.values()))[0] = float("nan")
+    save_checkpoint(poisoned, tmp_path / "nan.pt")
+    with pytest.raises(CheckpointError, match="NaN"):
+        PredictorPolicy(tmp_path / "nan.pt")
+    wrong_shape = load_checkpoint(predictor_path, "predictor")
+    wrong_shape.state_dict["head.weight"] = torch.zeros(3, 3)
+    save_checkpoint(wrong_shape, tmp_path / "shape.pt")
+    with pytest.raises(CheckpointError, match="do not fit"):
+        PredictorPolicy(tmp_path / "shape.pt")
+    bigger = synthetic_trace(experts=8)  # same model name, 8 experts instead of 6
+    with pytest.raises(CheckpointError, match="experts"):
+        simulate(bigger, make_policy(f"ppo:{ppo_path}"), 3)
+    renamed = synthetic_trace()
+    renamed.meta.model = "another-model"
+    with pytest.raises(CheckpointError, match="another-model"):
+        simulate(renamed, make_policy(f"predictor:{predictor_path}"), 3)
+
+
+def test_cli_reports_a_bad_checkpoint_in_one_line(trace, tmp_path):
+    trace_file = save_trace(trace, tmp_path / "t.npz")
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"\x00" * 64)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "moe_env.cli",
+            "bench",
+            "--trace",
+            str(trace_file),
+            "--policies",
+            f"ppo:{bad}",
+            "--cache-slots",
+            "3",
+            "--plots",
+            "",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 2
+    assert len(run.stderr.strip().splitlines()) == 1 and "checkpoint" in run.stderr
+
+
+def test_shipped_defaults_load_for_tiny_mixtral():
+    from moe_env.policy import ModelSpec
+
+    for kind in ("ppo", "predictor"):
+        path = shipped_policy_path(kind)
+        assert path.is_file(), f"{path} is not shipped"
+        policy = make_policy(kind)
+        ckpt = load_checkpoint(path, kind)
+        m = ckpt.model
+        assert m["name"] == "tiny-mixtral"
+        policy.reset(ModelSpec(m["num_layers"], m["num_experts"], m["top_k"], 0, "tiny-mixtral"), ckpt.capacity)
+        assert path.with_suffix(".json").is_file()
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(f"train_{name}", ROOT / "train" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_train_ppo_script_end_to_end_and_resume(trace, tmp_path, capsys):
+    trace_file = save_trace(trace, tmp_path / "t.npz")
+    config = {
+        "total_timesteps": 256,
+        "n_envs": 2,
+        "n_steps": 64,
+        "batch_size": 64,
+        "n_epochs": 1,
+        "net_arch": [16],
+        "eval_every": 128,
+    }
+    (tmp_path / "c.json").write_text(json.dumps(config))
+    run_dir = tmp_path / "run"
+    args = [
+        "--traces",
+        f"{trace_file}#1,2",
+        "--eval-traces",
+        f"{trace_file}#0",
+        "--config",
+        str(tmp_path / "c.json"),
+        "--run-dir",
+        str(run_dir),
+        "--json",
+    ]
+    assert _script("ppo").main(args) == 0
+    rows = json.loads(capsys.readouterr().out)
+    learned = [r for r in rows if r["policy"].startswith("ppo:")]
+    assert len(learned) == 1 and {"hit_rate", "stall_s_per_token", "gap_captured"} <= learned[0].keys()
+    assert {r["policy"] for r in rows} >= {"fifo", "lru", "lfu-decay", "belady"}
+    for name in ("config.json", "command.txt", "best-policy.pt", "latest-policy.pt", "checkpoints/last.zip"):
+        assert (run_dir / name).is_file(), name
+    assert any((run_dir / "tb").rglob("events.out.tfevents.*"))
+    first = json.loads((run_dir / "best.json").read_text())["timesteps"]
+    assert _script("ppo").main([*args, "--resume", "--total-timesteps", "512"]) == 0
+    capsys.readouterr()
+    from stable_baselines3 import PPO
+
+    assert PPO.load(run_dir / "checkpoints" / "last.zip").num_timesteps >= 512 > first
+
+
+def test_train_predictor_script_end_to_end(trace, tmp_path, capsys):
+    trace_file = save_trace(trace, tmp_path / "t.npz")
+    out = tmp_path / "p.pt"
+    args = ["--traces", f"{trace_file}#1,2", "--eval-traces", f"{trace_file}#0", "--epochs", "2", "--out", str(out)]
+    assert _script("predictor").main(args) == 0
+    text = capsys.readouterr().out
+    assert "lookahead_gate" in text and "previous_token" in text and f"predictor:{out}" in text
+    assert PredictorPolicy(out).ckpt.model["num_experts"] == 6
+    assert _script("predictor").main([*args, "--traces", "/nonexistent.npz"]) == 2

@@ -1,0 +1,102 @@
+"""Offloading never changes the model's output: tokens and logits equal the unmodified model's, for every family.
+
+Compared bitwise against the eager experts implementation (the loop the runtime reproduces), within 1e-5 against
+the default implementation transformers picks, for budgets from top-k to all experts, with and without lookahead
+prefetch, under LRU and LFU, and on a paced link (exactness must not depend on copy timing).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import PROMPT_IDS
+
+from moe_env.engine import EngineConfig, OffloadEngine, greedy_decode
+from moe_env.errors import ModelError
+from moe_env.models import adapter_for
+from moe_env.models.tiny import FAMILIES, tiny_config
+
+NEW_TOKENS = 8
+CPU = torch.device("cpu")
+_reference_cache: dict[str, tuple[list[int], list[torch.Tensor]]] = {}
+
+
+def reference(tiny_models, family: str) -> tuple[list[int], list[torch.Tensor]]:
+    if family not in _reference_cache:
+        tokens, logits, _, _ = greedy_decode(tiny_models(family), PROMPT_IDS, NEW_TOKENS, CPU, keep_logits=True)
+        _reference_cache[family] = (tokens, logits)
+    return _reference_cache[family]
+
+
+def budgets(family: str) -> list[int]:
+    config = tiny_config(family)
+    top_k = config.num_experts_per_tok
+    num_experts = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None)
+    num_experts = num_experts or config.n_routed_experts
+    return sorted({top_k, (top_k + num_experts) // 2, num_experts})
+
+
+CASES = [
+    (family, slots, policy, prefetch)
+    for family in FAMILIES
+    for slots in budgets(family)
+    for policy in ("lru", "lfu")
+    for prefetch in (None, "lookahead")
+]
+
+
+@pytest.mark.parametrize(("family", "slots", "policy", "prefetch"), CASES)
+def test_offloaded_output_is_bitwise_identical(tiny_models, family, slots, policy, prefetch):
+    tokens, logits = reference(tiny_models, family)
+    config = EngineConfig(cache_slots=slots, policy=policy, prefetch=prefetch)
+    with OffloadEngine.from_model(tiny_models(family), config) as engine:
+        result = engine.generate(PROMPT_IDS, NEW_TOKENS, keep_logits=True)
+    assert result.tokens == tokens
+    for expected, got in zip(logits, result.logits, strict=True):
+        assert torch.equal(expected, got)
+    assert result.metrics.hits + result.metrics.misses == (NEW_TOKENS - 1) * engine.spec.num_layers * engine.spec.top_k
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_exact_on_a_paced_link_with_the_smallest_cache(tiny_models, family):
+    tokens, logits = reference(tiny_models, family)
+    top_k = tiny_config(family).num_experts_per_tok
+    config = EngineConfig(cache_slots=top_k, policy="lru", prefetch="lookahead", link="nvme")
+    with OffloadEngine.from_model(tiny_models(family), config) as engine:
+        result = engine.generate(PROMPT_IDS, NEW_TOKENS, keep_logits=True)
+    assert result.tokens == tokens
+    assert all(torch.equal(a, b) for a, b in zip(logits, result.logits, strict=True))
+    assert result.metrics.copy_s > 0  # the paced copies did happen
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_close_to_the_default_experts_implementation(tiny_models, family):
+    """transformers' default (grouped_mm) multiplies in another order: equal within 1e-5."""
+    model = tiny_models(family)
+    model.set_experts_implementation("grouped_mm")
+    assert model.config._experts_implementation == "grouped_mm"
+    default_tokens, default_logits, _, _ = greedy_decode(model, PROMPT_IDS, NEW_TOKENS, CPU, keep_logits=True)
+    tokens, logits = reference(tiny_models, family)
+    assert default_tokens == tokens
+    for a, b in zip(default_logits, logits, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_lookahead_logits_equal_the_next_routers_logits(tiny_models):
+    """The speculative signal is the next router applied to this layer's input: exact when inputs coincide."""
+    model = tiny_models("deepseek_v3")
+    adapter = adapter_for(model)
+    hidden = torch.randn(3, adapter.shape.hidden)
+    router = adapter.layers[1].router
+    expected, _, _ = router(hidden)
+    assert torch.equal(adapter.raw_logits(router, hidden), expected)
+
+
+def test_non_moe_model_is_refused():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
+    )
+    with pytest.raises(ModelError, match="not a supported MoE family"):
+        adapter_for(LlamaForCausalLM(config))

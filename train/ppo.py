@@ -1,0 +1,89 @@
+"""Train a PPO expert-cache policy on traces and compare it with the heuristics on held-out traces.
+
+    python train/ppo.py                         # builtin:tiny-mixtral/train, eval on builtin:tiny-mixtral/eval
+    python train/ppo.py --traces T.jsonl#0 --eval-traces T.jsonl#1 --profile consumer-pcie4:mixtral-8x7b-4bit
+    python train/ppo.py --run-dir runs/x --resume   # continue after Ctrl-C
+
+Library code: agents/ppo.py (policy, plug-in), agents/ppo_train.py (training), agents/evaluate.py (table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from agents.evaluate import compare, report
+from agents.ppo import PPOConfig
+from agents.ppo_train import train_ppo, write_run_files
+from agents.traces import load_traces
+from moe_env.env import default_capacity
+from moe_env.errors import MoeEnvError, UsageError
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "ppo.json"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="PPO config JSON (fields of agents.ppo.PPOConfig)")
+    p.add_argument("--traces", default="builtin:tiny-mixtral/train", help="training traces (spec[#i,j])")
+    p.add_argument("--eval-traces", default="builtin:tiny-mixtral/eval", help="held-out traces (spec[#i,j])")
+    p.add_argument("--total-timesteps", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--capacity", type=int, default=None, help="cache slots per layer (default: half the experts)")
+    p.add_argument("--profile", default=None, help="cost model HARDWARE[:EXPERTS]")
+    p.add_argument("--prior", default=None, help="score prior: none | features | predictor")
+    p.add_argument("--run-dir", default=None, help="default runs/ppo-<model>-<time>")
+    p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
+    p.add_argument("--json", action="store_true", help="print the final comparison as JSON rows")
+    return p.parse_args(argv)
+
+
+def load_config(args: argparse.Namespace) -> PPOConfig:
+    path = Path(args.config)
+    if args.resume and args.run_dir and (Path(args.run_dir) / "config.json").is_file():
+        path = Path(args.run_dir) / "config.json"
+    try:
+        values = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UsageError(f"cannot read config {path}: {exc}") from None
+    values = {k: v for k, v in values.items() if k not in ("traces", "eval_traces")}
+    config = PPOConfig.from_dict(values)
+    overrides = {"total_timesteps": args.total_timesteps, "seed": args.seed, "capacity": args.capacity,
+                 "profile": args.profile, "prior": args.prior}  # fmt: skip
+    for key, value in overrides.items():
+        if value is not None:
+            setattr(config, key, value)
+    return config
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        config = load_config(args)
+        train_trace, eval_trace = load_traces(args.traces), load_traces(args.eval_traces)
+        model = train_trace.meta.model
+        run_dir = Path(args.run_dir or f"runs/ppo-{model}-{time.strftime('%Y%m%d-%H%M%S')}")
+        if args.resume and not args.run_dir:
+            raise UsageError("--resume needs --run-dir")
+        command = shlex.join([sys.executable, *sys.argv])
+        write_run_files(run_dir, config, {"traces": args.traces, "eval_traces": args.eval_traces}, command)
+        log = (lambda msg: print(msg, file=sys.stderr)) if args.json else print
+        log(f"run {run_dir}: {config.total_timesteps} timesteps on {args.traces}, eval on {args.eval_traces}")
+        best = train_ppo(config, train_trace, eval_trace, run_dir, resume=args.resume, log=log)
+        capacity = config.capacity or default_capacity(eval_trace.meta.num_experts, eval_trace.meta.top_k)
+        bench, rows = compare(args.eval_traces, eval_trace, [f"ppo:{best}"], capacity, config.profile)
+        report(bench, rows, args.json)
+    except MoeEnvError as exc:
+        print(f"train/ppo.py: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

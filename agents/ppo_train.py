@@ -1,9 +1,10 @@
 """Training a PPO policy: vectorised envs, TensorBoard metrics, periodic checkpoints, eval, best policy, resume.
 
 A run directory holds: config.json, command.txt, tb/ (TensorBoard: train/hit_rate, train/stall_s,
-train/gap_captured, eval/hit_rate, eval/stall_s_per_token, eval/gap_captured, SB3's losses), checkpoints/
-(full SB3 models for --resume; last.zip is the newest), latest-policy.pt and best-policy.pt (policy-only, the
-plug-in format: ``--policy ppo:RUN/best-policy.pt``). Best = lowest eval stall per token.
+train/gap_captured per episode; validation/hit_rate, validation/stall_s_per_token, validation/gap_captured;
+SB3's losses), checkpoints/ (full SB3 models for --resume; last.zip is the newest), latest-policy.pt and
+best-policy.pt (policy-only, the plug-in format: ``--policy ppo:RUN/best-policy.pt``). Best = lowest stall per
+token on the validation traces (agents.traces.split_validation): the eval traces are only for the final table.
 """
 
 from __future__ import annotations
@@ -64,6 +65,8 @@ class EvalCallback(BaseCallback):
             self.best = json.loads(best_file.read_text())["stall_s_per_token"]
 
     def _on_training_start(self) -> None:
+        if self.num_timesteps == 0:  # the untrained policy is ~ the prior: the best is never worse than that
+            self.checkpoint()
         self.next_eval = (self.num_timesteps // self.eval_every + 1) * self.eval_every
 
     def _on_step(self) -> bool:
@@ -88,15 +91,16 @@ class EvalCallback(BaseCallback):
         save_model(self.model, self.run_dir)
         metrics = self.evaluate(latest)
         for key, value in metrics.items():
-            self.logger.record(f"eval/{key}", value)
+            self.logger.record(f"validation/{key}", value)
         if metrics["stall_s_per_token"] < self.best:
             self.best = metrics["stall_s_per_token"]
             shutil.copyfile(latest, self.run_dir / "best-policy.pt")
             (self.run_dir / "best.json").write_text(json.dumps(metrics | {"timesteps": self.num_timesteps}))
         elapsed = time.perf_counter() - self.started
+        train_hit_rate = np.mean(self.episodes["hit_rate"][-20:] or [np.nan])
         self.log(
-            f"[{self.num_timesteps}/{self.total}] {elapsed:.0f}s  train hit_rate "
-            f"{np.mean(self.episodes['hit_rate'][-20:] or [np.nan]):.3f}  eval hit_rate {metrics['hit_rate']:.3f}  "
+            f"[{self.num_timesteps}/{self.total}] {elapsed:.0f}s  train hit_rate {train_hit_rate:.3f}  "
+            f"validation hit_rate {metrics['hit_rate']:.3f}  "
             f"stall {1e3 * metrics['stall_s_per_token']:.3f} ms/token  gap {metrics['gap_captured']:.2f}"
             f"{'  (best)' if self.best == metrics['stall_s_per_token'] else ''}"
         )
@@ -115,14 +119,14 @@ def save_model(model: PPO, run_dir: Path) -> None:
         old.unlink()
 
 
-def train_ppo(config: PPOConfig, train_trace: Trace, eval_trace: Trace, run_dir: Path, resume: bool = False,
+def train_ppo(config: PPOConfig, train_trace: Trace, validation: Trace, run_dir: Path, resume: bool = False,
               log: Callable[[str], None] = print) -> Path:  # fmt: skip
     """Train (or continue) a run; returns the best policy's path. Ctrl-C saves a checkpoint and re-raises."""
     if (train_trace.meta.num_experts, train_trace.meta.num_layers) != (
-        eval_trace.meta.num_experts,
-        eval_trace.meta.num_layers,
+        validation.meta.num_experts,
+        validation.meta.num_layers,
     ):
-        raise UsageError("train and eval traces come from models of different shapes")
+        raise UsageError("training and validation traces come from models of different shapes")
     torch.set_num_threads(config.torch_threads)
     meta = train_trace.meta
     capacity = config.capacity or default_capacity(meta.num_experts, meta.top_k)
@@ -154,13 +158,13 @@ def train_ppo(config: PPOConfig, train_trace: Trace, eval_trace: Trace, run_dir:
             tensorboard_log=str(run_dir / "tb"),
         )  # fmt: skip
     spec = MoEOffloadEnv(train_trace, capacity=capacity, profile=cost, reference_metrics=False).model_spec
-    lru, belady = (simulate(eval_trace, name, capacity, cost).hit_rate for name in ("lru", "belady"))
+    lru, belady = (simulate(validation, name, capacity, cost).hit_rate for name in ("lru", "belady"))
 
     def save_policy(path: Path) -> None:
         save_ppo_policy(model.policy, prior, config, spec, capacity, path)
 
     def evaluate(path: Path) -> dict:
-        result = simulate(eval_trace, PPOPolicy(path), capacity, cost)
+        result = simulate(validation, PPOPolicy(path), capacity, cost)
         gap = (result.hit_rate - lru) / (belady - lru) if belady > lru else float("nan")
         return {"hit_rate": result.hit_rate, "stall_s_per_token": result.stall_s_per_token, "gap_captured": gap}
 

@@ -238,3 +238,25 @@ def predictor_scores(p_now: np.ndarray, p_later: np.ndarray, threshold: float, n
     for rank, expert in enumerate(wanted):
         scores[expert] = 1.0 - rank / (2.0 * capacity)
     return scores
+
+
+THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 1.01)  # 1.01: never prefetch (eviction only)
+NEXT_WEIGHTS = (0.5, 1.0, 2.0)
+
+
+def calibrate(path: Path, validation: Trace, capacity: int, profile: str | None, log=print) -> tuple[float, float]:
+    """(threshold, next_weight) with the lowest stall per token on `validation`; written back into the checkpoint."""
+    from moe_env.sim import simulate
+
+    best: tuple[float, float, float] | None = None
+    for threshold in THRESHOLDS:
+        for weight in NEXT_WEIGHTS:
+            result = simulate(validation, PredictorPolicy(path, threshold, weight), capacity, profile)
+            if best is None or result.stall_s_per_token < best[0]:
+                best = (result.stall_s_per_token, threshold, weight)
+    assert best is not None
+    ckpt = load_checkpoint(path, KIND)
+    ckpt.config.update(threshold=best[1], next_weight=best[2])
+    save_checkpoint(ckpt, path)
+    log(f"calibrated on validation: threshold {best[1]}, next_weight {best[2]} ({1e3 * best[0]:.3f} ms/token)")
+    return best[1], best[2]

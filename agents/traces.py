@@ -20,3 +20,13 @@ def load_traces(spec: str) -> Trace:
         except (ValueError, IndexError):
             raise UsageError(f"bad sequence selection #{keep} for {len(trace.sequences)} sequences") from None
     return trace
+
+
+def split_validation(trace: Trace, fraction: float = 0.2) -> tuple[Trace, Trace]:
+    """(train, validation): the last `fraction` of the sequences (at least one) when there are 5 or more, else the
+    whole trace for both. Model selection and calibration use validation, so eval traces stay unseen."""
+    n = len(trace.sequences)
+    if n < 5:
+        return trace, trace
+    cut = n - max(1, round(n * fraction))
+    return Trace(trace.meta, trace.sequences[:cut]), Trace(trace.meta, trace.sequences[cut:])

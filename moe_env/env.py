@@ -45,18 +45,19 @@ class ObservationBuilder:
 
     Call ``observation(event, cache)`` BEFORE the cache routes ``event`` and ``update(event)`` after; the env and
     the learned plug-ins both do exactly that (the plug-ins from Policy.observe), so their observations agree.
-    Layout (E experts, L layers), all in [-1, 1] or [0, 1]:
+    Layout (E experts, L layers), all in [0, 1]:
       [0E:1E) lookahead probs of the target layer (softmax of gate_{l+1}(h_l); zeros when absent)
       [1E:2E) gate probs of layer l (the current router; zeros when absent)
       [2E:3E) experts selected by layer l now (multi-hot)
       [3E:4E) experts the target layer selected at the previous token (multi-hot)
       [4E:5E) resident mask of the target layer (in flight included)
       [5E:6E) in-flight mask of the target layer
-      [6E:7E) recency of each target-layer expert: 1 / (1 + tokens since its last use), 0 if never used
+      [6E:7E) recency of each target-layer expert: 1 / (1 + tokens since its last use), ~0 if never used
       [7E:8E) decayed use frequency of each target-layer expert (decay 0.9 per token, scaled to [0, 1])
       [8E:9E) long-run use frequency of each target-layer expert: uses this sequence / (tokens so far + 1)
       [9E:9E+L) one-hot of the target layer
-      then: lookahead available, target wraps to the next token, capacity / E, queued copies / capacity,
+      then: lookahead available, target wraps to the next token, capacity / E, in-flight copies of layers l and
+            target / capacity (the link backlog as the cache sees it),
             expected demand misses of layer l / k
     """
 
@@ -76,54 +77,58 @@ class ObservationBuilder:
         self.__init__(self.model_spec, self.capacity)
 
     def update(self, event: RouteEvent) -> None:
-        """Account one routed event (prefill chunks count as uses at token 0)."""
+        """Account one routed event (prefill chunks count as uses at token 0). Scalar loops: k is small."""
         layer = event.layer
         token = max(event.step, 0)
         self._token = token
-        if token > self._freq_step[layer]:
-            self._freq[layer] *= FREQ_DECAY ** (token - self._freq_step[layer])
+        freq, uses, last = self._freq[layer], self._uses[layer], self._last_token[layer]
+        behind = token - int(self._freq_step[layer])
+        if behind > 0:
+            freq *= FREQ_DECAY**behind
             self._freq_step[layer] = token
-        experts = list(event.experts)
-        self._freq[layer, experts] += 1.0
-        self._uses[layer, experts] += 1.0
-        self._last_token[layer, experts] = token
+        for x in event.experts:
+            freq[x] += 1.0
+            uses[x] += 1.0
+            last[x] = token
         if not event.prefill:
             row = self._prev_experts[layer]
-            row[:] = 0.0
-            row[experts] = 1.0
+            row.fill(0.0)
+            for x in event.experts:
+                row[x] = 1.0
 
     def observation(self, event: RouteEvent, cache: CacheView) -> np.ndarray:
         spec = self.model_spec
-        num_layers, num_experts = spec.num_layers, spec.num_experts
+        num_layers, e = spec.num_layers, spec.num_experts
         layer = event.layer
         target = (layer + 1) % num_layers
         wraps = target == 0
         token = max(event.step, 0) + (1 if wraps else 0)
         obs = np.zeros(self.size, dtype=np.float32)
         lookahead = None if wraps else event.lookahead_logits
-        e = num_experts
-        obs[0:e] = _softmax(lookahead, e)
-        obs[e : 2 * e] = _softmax(event.gate_logits, e)
-        obs[2 * e + np.asarray(event.experts, dtype=np.int64)] = 1.0
+        if lookahead is not None:
+            obs[0:e] = _softmax(lookahead, e)
+        if event.gate_logits is not None:
+            obs[e : 2 * e] = _softmax(event.gate_logits, e)
+        for x in event.experts:
+            obs[2 * e + x] = 1.0
         obs[3 * e : 4 * e] = self._prev_experts[target]
-        resident = cache.resident(target)
-        if resident:
-            obs[4 * e + np.asarray(resident, dtype=np.int64)] = 1.0
+        for x in cache.resident(target):
+            obs[4 * e + x] = 1.0
         in_flight = cache.in_flight(target)
-        if in_flight:
-            obs[5 * e + np.asarray(in_flight, dtype=np.int64)] = 1.0
-        since = token - self._last_token[target]
-        obs[6 * e : 7 * e] = np.where(since >= 0, 1.0 / (1.0 + np.maximum(since, 0)), 0.0)
-        decay = FREQ_DECAY ** max(token - int(self._freq_step[target]), 0)
-        obs[7 * e : 8 * e] = np.minimum(self._freq[target] * decay * (1.0 - FREQ_DECAY), 1.0)
-        obs[8 * e : 9 * e] = np.minimum(self._uses[target] / (token + 1.0), 1.0)
+        for x in in_flight:
+            obs[5 * e + x] = 1.0
+        since = token - self._last_token[target]  # never used: a huge gap, recency ~0
+        obs[6 * e : 7 * e] = 1.0 / (1.0 + np.maximum(since, 0))
+        decay = FREQ_DECAY ** max(token - int(self._freq_step[target]), 0) * (1.0 - FREQ_DECAY)
+        obs[7 * e : 8 * e] = np.minimum(self._freq[target] * decay, 1.0)
+        obs[8 * e : 9 * e] = np.minimum(self._uses[target] * (1.0 / (token + 1.0)), 1.0)
         obs[9 * e + target] = 1.0
         base = 9 * e + num_layers
         obs[base] = 0.0 if lookahead is None else 1.0
         obs[base + 1] = 1.0 if wraps else 0.0
-        obs[base + 2] = self.capacity / num_experts
-        queued = sum(len(cache.in_flight(m)) for m in range(num_layers))
-        obs[base + 3] = min(queued / self.capacity, 1.0)
+        obs[base + 2] = self.capacity / e
+        copies = len(in_flight) + (len(cache.in_flight(layer)) if layer != target else 0)
+        obs[base + 3] = min(copies / self.capacity, 1.0)
         misses = sum(1 for x in event.experts if not cache.is_resident(layer, x))
         obs[base + 4] = misses / max(spec.top_k, 1)
         return obs
@@ -212,7 +217,7 @@ class MoEOffloadEnv(gym.Env):
     (its experts, gate logits and the lookahead logits for l + 1 are known), layer l + 1 has not": lookahead probs
     for the target layer, the current gate probs and selection, the target layer's previous-token selection,
     resident and in-flight masks, recency, decayed and long-run frequency, target-layer one-hot, lookahead
-    available, wrap to the next token, capacity / E, queued copies / capacity, expected demand misses of layer l.
+    available, wrap to the next token, capacity / E, in-flight copies / capacity, expected demand misses of layer l.
     The target of the last layer's decision is layer 0 of the next token (no lookahead signal there).
 
     ACTION: Box [-1, 1]^E, a score per expert of the target layer (``ActionPolicy``): experts scoring > 0 that are

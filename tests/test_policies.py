@@ -219,3 +219,14 @@ def test_a_prefetch_never_evicts_what_the_same_call_requested():
     plan = cache.route(RouteEvent(step=1, layer=0, experts=(3,)))
     assert [(p.expert, p.evicted) for p in plan.prefetches] == [(2, 1)]  # LRU alone would have evicted 0
     assert sorted(cache.resident(1)) == [0, 2]
+
+
+def test_lfuda_ages_out_a_formerly_popular_expert_and_lfu_does_not():
+    # slots 2, top-1: expert 0 is hot early, then 1 and 2 alternate forever. LFU (uses counted
+    # since the sequence began) keeps 0 and thrashes 1/2;
+    # LFUDA's age catches up with 0's count, evicts it, and then 1 and 2 both hit.
+    order = [0] * 40 + [1, 2] * 60
+    trace = random_trace(0, 1, 4, 1, 1, 0)
+    trace.sequences[0] = SequenceTrace(experts=np.asarray(order, dtype=np.int16).reshape(-1, 1, 1))
+    lfu, lfuda = (simulate(trace, p, 2, COST).hits for p in ("lfu", "lfuda"))
+    assert lfuda > lfu + 30

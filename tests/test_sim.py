@@ -319,3 +319,29 @@ def test_bench_bad_input_is_one_line_and_exit_2(saved_trace, capsys, extra, frag
     assert main(["bench", "--trace", saved_trace, "--json", *extra]) == 2
     err = capsys.readouterr().err.strip()
     assert fragment in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize(("policy", "prefetch"), [("lfu", None), ("lru", "lookahead")])
+def test_simulator_counters_equal_the_real_engine(tmp_path, policy, prefetch):
+    """Record a tiny random-weight Mixtral through the offload engine; the simulator's counters are the engine's."""
+    from moe_env.commands.record import record_trace
+    from moe_env.engine import EngineConfig, OffloadEngine
+    from moe_env.models.tiny import byte_tokenizer, tiny_model
+    from moe_env.prompts import Prompt
+
+    model_dir = tmp_path / "model"
+    tiny_model("mixtral", seed=0, vocab_size=256).save_pretrained(model_dir)
+    byte_tokenizer().save_pretrained(model_dir)
+    config = EngineConfig(model=str(model_dir), cache_slots=3, policy=policy, prefetch=prefetch,
+                          store_dir=str(tmp_path / "store"))  # fmt: skip
+    prompts = [Prompt("a", "def area(r):", "eval"), Prompt("b", "The river rose.", "eval")]
+    results = []
+    with OffloadEngine(config) as engine:
+        engine.on_sequence_end(results.append)
+        trace = record_trace(engine, prompts, 6, model_name="random")
+    assert len(results) == 2
+    result = simulate(trace, policy, 3, "consumer-pcie4", prefetch=prefetch)
+    assert result.hits + result.misses == trace.num_accesses
+    for name in ("hits", "misses", "prefill_hits", "prefill_misses", "prefetch_issued", "prefetch_used"):
+        assert getattr(result, name) == sum(getattr(r.metrics, name) for r in results), name
+    assert (result.prefetch_issued > 0) == (prefetch is not None)

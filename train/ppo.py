@@ -19,7 +19,7 @@ from pathlib import Path
 from agents.evaluate import compare, report
 from agents.ppo import PPOConfig
 from agents.ppo_train import train_ppo, write_run_files
-from agents.traces import load_traces
+from agents.traces import load_traces, split_validation
 from moe_env.env import default_capacity
 from moe_env.errors import MoeEnvError, UsageError
 
@@ -36,6 +36,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--capacity", type=int, default=None, help="cache slots per layer (default: half the experts)")
     p.add_argument("--profile", default=None, help="cost model HARDWARE[:EXPERTS]")
     p.add_argument("--prior", default=None, help="score prior: none | features | predictor")
+    p.add_argument("--prior-predictor", default=None, help="predictor checkpoint for --prior predictor")
     p.add_argument("--run-dir", default=None, help="default runs/ppo-<model>-<time>")
     p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
     p.add_argument("--json", action="store_true", help="print the final comparison as JSON rows")
@@ -53,7 +54,7 @@ def load_config(args: argparse.Namespace) -> PPOConfig:
     values = {k: v for k, v in values.items() if k not in ("traces", "eval_traces")}
     config = PPOConfig.from_dict(values)
     overrides = {"total_timesteps": args.total_timesteps, "seed": args.seed, "capacity": args.capacity,
-                 "profile": args.profile, "prior": args.prior}  # fmt: skip
+                 "profile": args.profile, "prior": args.prior, "prior_predictor": args.prior_predictor}  # fmt: skip
     for key, value in overrides.items():
         if value is not None:
             setattr(config, key, value)
@@ -73,7 +74,12 @@ def main(argv: list[str] | None = None) -> int:
         write_run_files(run_dir, config, {"traces": args.traces, "eval_traces": args.eval_traces}, command)
         log = (lambda msg: print(msg, file=sys.stderr)) if args.json else print
         log(f"run {run_dir}: {config.total_timesteps} timesteps on {args.traces}, eval on {args.eval_traces}")
-        best = train_ppo(config, train_trace, eval_trace, run_dir, resume=args.resume, log=log)
+        train_part, validation = split_validation(train_trace)
+        log(
+            f"{len(train_part.sequences)} training sequences, {len(validation.sequences)} for validation"
+            f"{' (the same: fewer than 5)' if validation is train_trace else ''}"
+        )
+        best = train_ppo(config, train_part, validation, run_dir, resume=args.resume, log=log)
         capacity = config.capacity or default_capacity(eval_trace.meta.num_experts, eval_trace.meta.top_k)
         bench, rows = compare(args.eval_traces, eval_trace, [f"ppo:{best}"], capacity, config.profile)
         report(bench, rows, args.json)

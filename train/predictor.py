@@ -3,14 +3,16 @@
     python train/predictor.py                   # builtin:tiny-mixtral/train, eval on builtin:tiny-mixtral/eval
     python train/predictor.py --traces T.jsonl#0 --eval-traces T.jsonl#1 --profile consumer-pcie4:mixtral-8x7b-4bit
 
-Writes OUT (default runs/predictor-<model>.pt) usable as ``--policy predictor:OUT``; library code in
-agents/predictor.py.
+Trains on the training traces minus a validation split (agents.traces.split_validation), calibrates the prefetch
+threshold and eviction weight on the validation split, reports on the eval traces. Writes OUT (default
+runs/predictor-<model>.pt) usable as ``--policy predictor:OUT``; library code in agents/predictor.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -18,8 +20,15 @@ from pathlib import Path
 import torch
 
 from agents.evaluate import compare, report
-from agents.predictor import PredictorConfig, collect_samples, prediction_report, save_predictor, train_predictor
-from agents.traces import load_traces
+from agents.predictor import (
+    PredictorConfig,
+    calibrate,
+    collect_samples,
+    prediction_report,
+    save_predictor,
+    train_predictor,
+)
+from agents.traces import load_traces, split_validation
 from moe_env.env import MoEOffloadEnv, default_capacity
 from moe_env.errors import MoeEnvError, UsageError
 
@@ -59,16 +68,24 @@ def main(argv: list[str] | None = None) -> int:
         train_trace, eval_trace = load_traces(args.traces), load_traces(args.eval_traces)
         meta = train_trace.meta
         capacity = args.capacity or default_capacity(meta.num_experts, meta.top_k)
-        train_samples = collect_samples(train_trace, capacity, args.profile)
+        train_part, validation = split_validation(train_trace)
+        train_samples = collect_samples(train_part, capacity, args.profile)
         eval_samples = collect_samples(eval_trace, capacity, args.profile)
         log(f"{len(train_samples.features)} training decisions, {len(eval_samples.features)} eval decisions")
         net = train_predictor(train_samples, config, log=log)
         spec = MoEOffloadEnv(train_trace, capacity=capacity, profile=args.profile, reference_metrics=False).model_spec
         out = Path(args.out or f"runs/predictor-{meta.model}.pt")
         save_predictor(net, config, spec, capacity, out)
-        (out.with_suffix(".json")).write_text(json.dumps({"config": asdict(config), "traces": args.traces,
-                                                          "eval_traces": args.eval_traces, "capacity": capacity,
-                                                          "profile": args.profile}, indent=1) + "\n")  # fmt: skip
+        threshold, weight = calibrate(out, validation, capacity, args.profile, log=log)
+        config.threshold, config.next_weight = threshold, weight
+        summary = {
+            "config": asdict(config),
+            "traces": args.traces,
+            "eval_traces": args.eval_traces,
+            "capacity": capacity,
+            "profile": args.profile,
+            "command": shlex.join([sys.executable, *sys.argv]),
+        }
         log(f"saved {out}")
         scores = prediction_report(net, eval_samples, meta.top_k)
         bench, rows = compare(args.eval_traces, eval_trace, [f"predictor:{out}"], capacity, args.profile)
@@ -81,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"  {name:26s} precision {s['precision']:.3f}  recall {s['recall']:.3f}  ({s['samples']} decisions)"
                 )
         report(bench, rows, args.json)
+        summary |= {"top_k_prediction": scores, "eval_rows": [row.as_dict() for row in rows]}
+        out.with_suffix(".json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
     except MoeEnvError as exc:
         print(f"train/predictor.py: error: {exc}", file=sys.stderr)
         return 2

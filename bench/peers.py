@@ -184,6 +184,17 @@ def _decode_all(decode, prompts, new_tokens, drop) -> tuple[list[list[int]], flo
 
 
 def measure(spec: dict) -> dict:
+    cleanup: list[Path] = []
+    try:
+        return _measure(spec, cleanup)
+    finally:
+        import shutil
+
+        for path in cleanup:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _measure(spec: dict, cleanup: list[Path]) -> dict:
     from moe_env.engine import greedy_decode
 
     prepared, config = Path(spec["prepared"]), spec["config"]
@@ -215,6 +226,7 @@ def measure(spec: dict) -> dict:
     elif config == "accelerate":
         budget = spec["budget_bytes"] + peers.non_expert_bytes(prepared)
         offload = Path(tempfile.mkdtemp(prefix="peers-offload-", dir=prepared))
+        cleanup.append(offload)
         if cuda:
             model, device_map = cuda_accelerate_model(source, budget)
         else:

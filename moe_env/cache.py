@@ -259,7 +259,8 @@ class ExpertCacheState:
         pairs: list[tuple[int, int]] = []
         for request in requests:
             try:
-                target_layer, expert = (int(x) for x in request)
+                target_layer, expert = request
+                target_layer, expert = int(target_layer), int(expert)
             except (TypeError, ValueError):
                 raise PolicyError(
                     f"policy {self.policy.name!r} prefetch request {request!r} is not a (layer, expert) pair"

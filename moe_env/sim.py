@@ -8,6 +8,9 @@ are queued on ONE FIFO copy link, behind whatever earlier prefetches are still c
 delays demand loads), and this layer's prefetches are queued behind them; each expert is computed in router
 order once its copy has landed. ``stall`` is the time compute waits on copies. Copies overlap compute.
 
+Prefill is timed as one token per layer (a lower bound on its compute) and reported apart (``prefill_stall_s``);
+the headline metrics are decode's.
+
 ``Replayer`` is the stepwise form (begin_sequence / process one LayerRouting / finish) that the Gymnasium env
 drives one layer at a time; ``simulate`` replays a whole trace.
 """
@@ -44,14 +47,33 @@ class TraceOracle:
     """
 
     def __init__(self, sequence: SequenceTrace, num_layers: int, num_experts: int, capacity: int):
-        self._uses: list[list[list[int]]] = [[[] for _ in range(num_experts)] for _ in range(num_layers)]
+        layers: list[np.ndarray] = []
+        experts: list[np.ndarray] = []
         clock = 0
-        for routing in sequence.routings():
-            for event in route_events(routing, capacity):
-                uses = self._uses[event.layer]
-                for expert in event.experts:
-                    clock += 1
-                    uses[expert].append(clock)
+        if sequence.prefill_experts is not None and len(sequence.prefill_experts):
+            for routing in sequence.routings():
+                if not routing.prefill:
+                    break
+                for event in route_events(routing, capacity):
+                    layers.append(np.full(len(event.experts), event.layer))
+                    experts.append(np.asarray(event.experts))
+                    clock += len(event.experts)
+        # decode: one event per present cell, step-major then layer, k accesses each (SequenceTrace.routings order)
+        cells = sequence.experts
+        present = cells[:, :, 0] >= 0
+        layers.append(np.repeat(np.nonzero(present)[1], cells.shape[2]))
+        experts.append(cells[present].reshape(-1))
+        all_layers = np.concatenate(layers).astype(np.int64)
+        all_experts = np.concatenate(experts).astype(np.int64)
+        clocks = np.arange(1, len(all_layers) + 1)  # the cache ticks once per access, first access = 1
+        order = np.argsort(all_layers * num_experts + all_experts, kind="stable")
+        keys = (all_layers * num_experts + all_experts)[order]
+        bounds = np.searchsorted(keys, np.arange(num_layers * num_experts + 1))
+        ordered = clocks[order].tolist()
+        self._uses = [
+            [ordered[bounds[key] : bounds[key + 1]] for key in range(layer * num_experts, (layer + 1) * num_experts)]
+            for layer in range(num_layers)
+        ]
         self._experts = sequence.experts
         self._num_steps, self._num_layers = sequence.experts.shape[0], sequence.experts.shape[1]
 
@@ -65,10 +87,8 @@ class TraceOracle:
         """The experts decode step `step` routes to at `layer`; None past the end, for prefill or an absent cell."""
         if not (0 <= step < self._num_steps and 0 <= layer < self._num_layers):
             return None
-        row = self._experts[step, layer]
-        if row[0] < 0:
-            return None
-        return tuple(int(e) for e in row)
+        row = self._experts[step, layer].tolist()
+        return None if row[0] < 0 else tuple(row)
 
 
 @dataclass

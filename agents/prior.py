@@ -4,8 +4,9 @@ A PPO policy acts ``clip(prior(obs) + residual_scale * residual(obs), -1, 1)``: 
 the start (small initial weights) training begins at the prior's quality instead of at random prefetches, and
 improves from there. Priors are pure functions of the observation, so the env wrapper and the plug-in agree:
   none:      zeros: no prefetch, ties everywhere, i.e. the cache's tie-break = LRU;
-  features:  a hand-set ranking (long-run and decayed frequency, recency, lookahead) with lookahead prefetch
-             when the lookahead probability reaches ``prefetch_threshold``;
+  features:  a weighted ranking ``longrun * f_longrun + decayed * f_decayed + recency * f_recency + lookahead *
+             p_lookahead`` (config keys, defaults 1, 0.5, 0.1, 2; longrun alone is exactly LFU) with lookahead
+             prefetch when the lookahead probability reaches ``prefetch_threshold`` (default 0.5);
   predictor: a trained activation predictor (agents.predictor) embedded in the checkpoint.
 """
 
@@ -50,7 +51,13 @@ class ScorePrior:
             return predictor_scores(probs[0], probs[1:].mean(axis=0), threshold,
                                     float(self.config.get("next_weight", 1.0)), self.capacity)  # fmt: skip
         lookahead, recency, decayed, longrun = obs[0:e], obs[6 * e : 7 * e], obs[7 * e : 8 * e], obs[8 * e : 9 * e]
-        keep = longrun + 0.5 * decayed + 0.1 * recency + 2.0 * lookahead
+        c = self.config
+        keep = (
+            float(c.get("longrun", 1.0)) * longrun
+            + float(c.get("decayed", 0.5)) * decayed
+            + float(c.get("recency", 0.1)) * recency
+            + float(c.get("lookahead", 2.0)) * lookahead
+        )
         scores = rank_scores(keep)
         threshold = float(self.config.get("prefetch_threshold", 0.5))
         wanted = [int(x) for x in np.argsort(-lookahead, kind="stable")[: self.capacity] if lookahead[x] >= threshold]

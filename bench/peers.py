@@ -46,7 +46,7 @@ from moe_env import peers
 from moe_env.costmodel import CostModel, ExpertProfile, HardwareProfile
 
 RESULT_TAG = "PEERS_RESULT "
-MOE_POLICIES = [("lru", None), ("lfu-decay", None), ("lru", "lookahead"), ("lfu-decay", "lookahead")]
+MOE_POLICIES = "lru,lfu-decay,lru+lookahead,lfu-decay+lookahead"
 LEARNED = ("ppo", "predictor")
 
 
@@ -57,12 +57,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--vocab", type=int, default=4096, help="olmoe-shapes: vocabulary size (OLMoE-1B-7B: 50304)")
     p.add_argument("--budgets", default="0.25,0.5,1.0", help="expert memory budgets: shares of all expert bytes "
                    "(a number <= 1 with a dot) or bytes (an integer)")  # fmt: skip
-    p.add_argument("--prompts", type=int, default=2)
+    p.add_argument("--prompts", type=int, default=1)
     p.add_argument("--prompt-len", type=int, default=16, help="prompt tokens (random ids for a random model)")
-    p.add_argument("--new-tokens", type=int, default=16)
+    p.add_argument("--new-tokens", type=int, default=12)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: stable on a shared box)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--policies", default=MOE_POLICIES, help="moe-env policies (EVICT[+PREFETCH]); learned ones "
+                   "(ppo, predictor) are added when their plug-in loads")  # fmt: skip
     p.add_argument("--configs", default="", help="comma-separated subset (resident,accelerate,static,moe-env)")
     p.add_argument("--page-cache", choices=("drop", "keep"), default="drop", help="drop: cold slow tier each forward")
     p.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/moe-env/peers"))
@@ -415,6 +417,17 @@ def calibrate(prepared: Path) -> dict:
         dst.copy_(torch.from_numpy(mapped[begin:end]))
         times.append(time.perf_counter() - t)
     copy_s = statistics.median(times)
+    fd = os.open(path, os.O_RDONLY)  # the same ranges read with one preadv each: what a bulk loader gets
+    times = []
+    try:
+        for begin, _ in picks:
+            tier.drop()
+            t = time.perf_counter()
+            os.preadv(fd, [dst.numpy()], begin)
+            times.append(time.perf_counter() - t)
+    finally:
+        os.close(fd)
+    bulk_s = statistics.median(times)
     hidden, inter = shape["hidden"], shape["expert_intermediate"]
     dtype = torch.bfloat16 if shape["dtype"] == "bfloat16" else torch.float32
     gate_up = torch.randn(2 * inter, hidden).to(dtype)
@@ -426,15 +439,21 @@ def calibrate(prepared: Path) -> dict:
         g, u = torch.nn.functional.linear(x, gate_up).chunk(2, dim=-1)
         torch.nn.functional.linear(torch.nn.functional.silu(g) * u, down)
         times.append(time.perf_counter() - t)
-    return {"copy_s": copy_s, "link_gb_s": shape["expert_bytes"] / copy_s / 1e9, "expert_s": statistics.median(times)}
+    return {
+        "copy_s": copy_s,
+        "link_gb_s": shape["expert_bytes"] / copy_s / 1e9,
+        "bulk_gb_s": shape["expert_bytes"] / bulk_s / 1e9,
+        "expert_s": statistics.median(times),
+    }
 
 
 def forecast(rows: list[dict], calib: dict, shape: dict, trace_path: str | None, resident_tps: float) -> None:
     """Add `forecast_tokens_per_s` to each row: the cost model with this machine's link and compute speed.
 
     Per layer the non-expert work is calibrated so that the resident model's time per token is matched exactly;
-    moe-env rows replay the recorded trace through the same policy (moe_env.sim); accelerate loads its offloaded
-    bytes synchronously at every forward (no overlap); static placement pays one copy per non-pinned access.
+    moe-env rows replay the recorded trace through the same policy (moe_env.sim) over the link that moe-env's store
+    reaches (a cold mmap'd copy); accelerate loads its offloaded bytes synchronously at every forward (no overlap)
+    at bulk-read speed; static placement pays one mmap'd copy per non-pinned access.
     """
     from moe_env.sim import simulate
     from moe_env.trace import read_trace_file
@@ -453,7 +472,7 @@ def forecast(rows: list[dict], calib: dict, shape: dict, trace_path: str | None,
             row["forecast_tokens_per_s"] = resident_tps if row["config"] == "resident" else None
             continue
         if row["config"] == "accelerate":
-            per_token = token_s + row["extra"]["offloaded_bytes"] / (calib["link_gb_s"] * 1e9)
+            per_token = token_s + row["extra"]["offloaded_bytes"] / (calib["bulk_gb_s"] * 1e9)
             row["forecast_tokens_per_s"] = 1.0 / per_token
         elif row["config"] == "static" and trace is not None:
             pinned = row["extra"]["pinned"]
@@ -520,7 +539,7 @@ def main(argv: list[str] | None = None) -> int:
     expert_total = L * E * eb
     prompts, calibration = make_prompts(prepared, args.prompts, args.prompt_len)
     wanted = set(args.configs.split(",")) if args.configs else {"resident", "accelerate", "static", "moe-env"}
-    policies = [f"{p}+{f}" if f else p for p, f in MOE_POLICIES]
+    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     if "moe-env" in wanted and not args.quick:
         policies += learned_available(shape)
     if args.quick:
@@ -584,8 +603,9 @@ def main(argv: list[str] | None = None) -> int:
         if not calib.get("error"):
             forecast(rows, calib, shape, trace_path, resident["tokens_per_s"])
             print(
-                f"forecast: link {calib['link_gb_s']:.2f} GB/s (cold mmap copy of one expert, "
-                f"{calib['copy_s'] * 1e3:.1f} ms), one expert on one token {calib['expert_s'] * 1e3:.2f} ms"
+                f"forecast: link {calib['link_gb_s']:.2f} GB/s (cold mmap copy of one expert as moe-env's store does, "
+                f"{calib['copy_s'] * 1e3:.1f} ms), bulk read {calib['bulk_gb_s']:.2f} GB/s (accelerate's loads), "
+                f"one expert on one token {calib['expert_s'] * 1e3:.2f} ms"
             )
     print_table(rows, resident)
     if args.json:

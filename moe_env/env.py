@@ -54,7 +54,7 @@ class ObservationBuilder:
       [5E:6E) in-flight mask of the target layer
       [6E:7E) recency of each target-layer expert: 1 / (1 + tokens since its last use), ~0 if never used
       [7E:8E) decayed use frequency of each target-layer expert (decay 0.9 per token, scaled to [0, 1])
-      [8E:9E) long-run use frequency of each target-layer expert: uses this sequence / (tokens so far + 1)
+      [8E:9E) long-run use frequency of each target-layer expert: uses this sequence / (tokens so far + 2)
       [9E:9E+L) one-hot of the target layer
       then: lookahead available, target wraps to the next token, capacity / E, in-flight copies of layers l and
             target / capacity (the link backlog as the cache sees it),
@@ -121,7 +121,7 @@ class ObservationBuilder:
         obs[6 * e : 7 * e] = 1.0 / (1.0 + np.maximum(since, 0))
         decay = FREQ_DECAY ** max(token - int(self._freq_step[target]), 0) * (1.0 - FREQ_DECAY)
         obs[7 * e : 8 * e] = np.minimum(self._freq[target] * decay, 1.0)
-        obs[8 * e : 9 * e] = np.minimum(self._uses[target] * (1.0 / (token + 1.0)), 1.0)
+        obs[8 * e : 9 * e] = self._uses[target] * (1.0 / (token + 2.0))  # <= 1: one use a token, + prefill
         obs[9 * e + target] = 1.0
         base = 9 * e + num_layers
         obs[base] = 0.0 if lookahead is None else 1.0

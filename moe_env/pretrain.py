@@ -361,8 +361,18 @@ def heldout_routing_stats(model, val_seqs: list[np.ndarray], cfg_or_files: int, 
     return routing_statistics(sels, num_experts).to_dict()
 
 
-def train(cfg: TrainConfig, out_dir: str | os.PathLike, run_dir: str | os.PathLike, resume: bool = False, log=print):
-    """Train (or resume) and save the final plain HF model + tokenizer + train_meta.json to ``out_dir``."""
+def train(
+    cfg: TrainConfig,
+    out_dir: str | os.PathLike,
+    run_dir: str | os.PathLike,
+    resume: bool = False,
+    log=print,
+    stop_after: int | None = None,
+):
+    """Train (or resume) and save the final plain HF model + tokenizer + train_meta.json to ``out_dir``.
+
+    ``stop_after``: checkpoint and return ``None`` once that many steps are done (simulates an interruption).
+    """
     out_dir, run_dir = Path(out_dir), Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(cfg.num_threads)
@@ -467,8 +477,11 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike, run_dir: str | os.PathLi
                     f"{(step - s_log) / (now - t_log):.2f} step/s elapsed {elapsed:.0f}s"
                 )
                 t_log, s_log = now, step
-            if step % cfg.ckpt_every == 0 or step == cfg.steps:
+            if step % cfg.ckpt_every == 0 or step == cfg.steps or step == stop_after:
                 save_checkpoint()
+            if step == stop_after and step < cfg.steps:
+                log(f"stopping after step {step}; checkpoint in {ckpt_path}")
+                return None
     except KeyboardInterrupt:
         log(f"interrupted at step {step}; the last checkpoint in {ckpt_path} is kept (resume with --resume)")
         raise

@@ -227,3 +227,19 @@ def test_train_predictor_script_end_to_end(trace, tmp_path, capsys):
     assert "lookahead_gate" in text and "previous_token" in text and f"predictor:{out}" in text
     assert PredictorPolicy(out).ckpt.model["num_experts"] == 6
     assert _script("predictor").main([*args, "--traces", "/nonexistent.npz"]) == 2
+
+
+@pytest.mark.parametrize(
+    ("kind", "config", "heuristic"),
+    [("none", {}, "lru"), ("features", {"decayed": 0, "recency": 0, "lookahead": 0, "prefetch_threshold": 2}, "lfu")],
+)
+def test_priors_reproduce_their_heuristics(trace, kind, config, heuristic):
+    """A PPO policy starts at its prior: the zero prior is LRU, the long-run-frequency prior is LFU."""
+    env = MoEOffloadEnv(trace, capacity=3, fallback=heuristic)  # prefill and the first layer: no decision
+    prior = ScorePrior(kind, 3, 6, 3, config)
+    hits = misses = 0
+    for i in range(len(trace.sequences)):
+        info = rollout(env, lambda obs, e: prior(obs), i)
+        hits, misses = hits + info["hits"], misses + info["misses"]
+    result = simulate(trace, heuristic, 3)
+    assert (hits, misses) == (result.hits, result.misses)

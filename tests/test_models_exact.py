@@ -100,3 +100,21 @@ def test_non_moe_model_is_refused():
     )
     with pytest.raises(ModelError, match="not a supported MoE family"):
         adapter_for(LlamaForCausalLM(config))
+
+
+@pytest.mark.parametrize("name", ["tiny-mixtral", "tiny-olmoe"])
+def test_embedded_model_is_exact_through_the_default_loader(name, tmp_path):
+    from moe_env.embedded import embedded_model_dir
+    from moe_env.engine import load_model
+
+    if not (embedded_model_dir(name) / "config.json").exists():
+        pytest.skip(f"embedded model {name} not built in this checkout")
+    reference, tokenizer, _ = load_model(name, None)
+    prompt = tokenizer("def fibonacci(n):", add_special_tokens=False)["input_ids"]
+    tokens, logits, _, _ = greedy_decode(reference, prompt, NEW_TOKENS, CPU, keep_logits=True)
+    top_k = adapter_for(reference).top_k
+    config = EngineConfig(model=name, cache_slots=top_k, prefetch="lookahead", store_dir=str(tmp_path))
+    with OffloadEngine(config) as engine:
+        result = engine.generate("def fibonacci(n):", NEW_TOKENS, keep_logits=True)
+    assert result.tokens == tokens and result.text == tokenizer.decode(tokens)
+    assert all(torch.equal(a, b) for a, b in zip(logits, result.logits, strict=True))

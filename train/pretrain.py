@@ -23,6 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, help="override the seed")
     p.add_argument("--run-dir", help="checkpoint/tokenizer cache directory (default: runs/<config name>)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in the run dir")
+    p.add_argument("--threads", type=int, help="override torch.set_num_threads (config num_threads, default 2)")
+    p.add_argument("--stop-after", type=int, help="checkpoint and exit after this many steps (to test --resume)")
     args = p.parse_args(argv)
 
     cfg = TrainConfig.from_file(args.config)
@@ -30,9 +32,13 @@ def main(argv: list[str] | None = None) -> int:
         cfg.steps = args.steps
     if args.seed is not None:
         cfg.seed = args.seed
+    if args.threads is not None:
+        cfg.num_threads = args.threads
     run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / cfg.name
     try:
-        train(cfg, args.out, run_dir, resume=args.resume, log=lambda s: print(s, flush=True))
+        train(
+            cfg, args.out, run_dir, resume=args.resume, stop_after=args.stop_after, log=lambda s: print(s, flush=True)
+        )
     except KeyboardInterrupt:
         return 130
     return 0

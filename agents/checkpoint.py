@@ -68,6 +68,7 @@ def save_checkpoint(ckpt: PolicyCheckpoint, path: str | os.PathLike) -> Path:
     os.close(fd)
     try:
         torch.save(payload, tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a shipped policy must be readable by all
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -187,4 +187,5 @@ def train_ppo(config: PPOConfig, train_trace: Trace, validation: Trace, run_dir:
 def write_run_files(run_dir: Path, config: PPOConfig, extra: dict, command: str) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(asdict(config) | extra, indent=1) + "\n")
-    (run_dir / "command.txt").write_text(command + "\n")
+    with (run_dir / "command.txt").open("a") as f:  # a resumed run appends its command
+        f.write(command + "\n")

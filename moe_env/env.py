@@ -478,7 +478,8 @@ class LiveMoEOffloadEnv(gym.Env):
         self._to_engine: queue.Queue = queue.Queue()
         self._worker: Any = None
         self._unaccounted: list[RouteEvent] = []
-        self._stall = 0.0
+        self._stall = 0.0  # decode stall since the last observation (the next reward)
+        self._episode_stall = 0.0
         self.current_event: RouteEvent | None = None
 
     @property
@@ -504,6 +505,7 @@ class LiveMoEOffloadEnv(gym.Env):
         stall = self.shadow.process(routing).stall_s
         if not routing.prefill:
             self._stall += stall
+            self._episode_stall += stall
 
     def _run(self, prompt: str | Sequence[int]) -> None:
         try:
@@ -531,7 +533,7 @@ class LiveMoEOffloadEnv(gym.Env):
 
     def _info(self) -> dict:
         c = self.shadow.cache.counters
-        return {"hit_rate": c.hit_rate, "hits": c.hits, "misses": c.misses, "stall_s": self.shadow._stall_s}
+        return {"hit_rate": c.hit_rate, "hits": c.hits, "misses": c.misses, "stall_s": self._episode_stall}
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         import threading
@@ -545,7 +547,7 @@ class LiveMoEOffloadEnv(gym.Env):
         self.shadow = Replayer(self.shadow.meta, self.shadow.policy, self.capacity, self.cost)
         self.shadow.begin_sequence()
         self.builder.reset()
-        self._unaccounted, self._stall = [], 0.0
+        self._unaccounted, self._stall, self._episode_stall = [], 0.0, 0.0
         self._worker = threading.Thread(target=self._run, args=(self.prompts[index],), daemon=True)
         self._worker.start()
         kind, obs, event, _ = self._receive()

@@ -243,3 +243,17 @@ def test_priors_reproduce_their_heuristics(trace, kind, config, heuristic):
         hits, misses = hits + info["hits"], misses + info["misses"]
     result = simulate(trace, heuristic, 3)
     assert (hits, misses) == (result.hits, result.misses)
+
+
+def test_shipped_policies_beat_lru_on_the_held_out_split():
+    """Deterministic quality guard: the shipped files on the shipped eval split (prompts never trained on)."""
+    from moe_env.trace import builtin_trace_names, load_trace
+
+    if "tiny-mixtral" not in builtin_trace_names():
+        pytest.skip("builtin tiny-mixtral traces not shipped")
+    trace = load_trace("builtin:tiny-mixtral/eval")
+    lru = simulate(trace, "lru", 4)
+    for kind in ("predictor", "ppo"):
+        learned = simulate(trace, make_policy(kind), 4)
+        assert learned.stall_s_per_token < lru.stall_s_per_token
+        assert learned.hit_rate > lru.hit_rate

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -40,6 +41,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--run-dir", default=None, help="default runs/ppo-<model>-<time>")
     p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
     p.add_argument("--json", action="store_true", help="print the final comparison as JSON rows")
+    p.add_argument("--ship", default=None, help="copy the best policy here, with a .json of its run and results")
     return p.parse_args(argv)
 
 
@@ -59,6 +61,19 @@ def load_config(args: argparse.Namespace) -> PPOConfig:
         if value is not None:
             setattr(config, key, value)
     return config
+
+
+def ship(best: Path, target: Path, run_dir: Path, rows: list) -> None:
+    """The policy-only file plus a JSON of its run (config, command, validation pick) and eval results."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(best, target)
+    summary = {
+        "config": json.loads((run_dir / "config.json").read_text()),
+        "commands": (run_dir / "command.txt").read_text().strip().splitlines(),
+        "best_on_validation": json.loads((run_dir / "best.json").read_text()),
+        "eval_rows": [row.as_dict() for row in rows],
+    }
+    target.with_suffix(".json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
         capacity = config.capacity or default_capacity(eval_trace.meta.num_experts, eval_trace.meta.top_k)
         bench, rows = compare(args.eval_traces, eval_trace, [f"ppo:{best}"], capacity, config.profile)
         report(bench, rows, args.json)
+        if args.ship:
+            ship(best, Path(args.ship), run_dir, rows)
+            log(f"shipped {args.ship}")
     except MoeEnvError as exc:
         print(f"train/ppo.py: error: {exc}", file=sys.stderr)
         return 2

@@ -173,14 +173,14 @@ def train_ppo(config: PPOConfig, train_trace: Trace, validation: Trace, run_dir:
     try:
         if remaining > 0:
             model.learn(remaining, callback=callback, reset_num_timesteps=not resume, tb_log_name="ppo")
+            callback.checkpoint()
         else:
-            callback.init_callback(model)
+            log(f"{run_dir} already holds {model.num_timesteps} timesteps: nothing to train")
     except KeyboardInterrupt:
         save_model(model, run_dir)
         save_policy(run_dir / "latest-policy.pt")
         log(f"interrupted at {model.num_timesteps} timesteps: checkpoint saved, continue with --resume")
         raise
-    callback.checkpoint()
     return run_dir / "best-policy.pt"
 
 

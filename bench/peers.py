@@ -608,6 +608,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"one expert on one token {calib['expert_s'] * 1e3:.2f} ms"
             )
     print_table(rows, resident)
+    if reference:
+        print(f"tokens of the resident model (prompt 1): {reference[0]}")
     if args.json:
         keys = ("model", "config", "budget_bytes", "tokens_per_s", "ttft_s", "peak_bytes", "slow_tier_bytes",
                 "same_tokens", "speedup_vs_accelerate")  # fmt: skip

@@ -101,7 +101,8 @@ def prepare_model_dir(model: str, root: Path, num_layers: int = 4, vocab_size: i
     loaded = AutoModelForCausalLM.from_pretrained(source, dtype="auto", experts_implementation="eager").eval()
     adapter = adapter_for(loaded)
     DiskExpertStore.write(adapter, directory / STORE_FILE).close()
-    dense = {k: v.contiguous() for k, v in loaded.state_dict().items() if not is_expert_key(k)}
+    # clones: tied weights (embeddings and head) share memory, which safetensors refuses; load_skeleton re-ties them
+    dense = {k: v.contiguous().clone() for k, v in loaded.state_dict().items() if not is_expert_key(k)}
     save_file(dense, str(directory / DENSE_FILE))
     (directory / "source").write_text(str(source.resolve()))
     return directory
@@ -150,6 +151,8 @@ def load_skeleton(prepared: Path) -> PreTrainedModel:
     missing, unexpected = model.load_state_dict(dense, strict=False, assign=True)
     if unexpected or any(not is_expert_key(k) for k in missing):
         raise RuntimeError(f"skeleton load: missing {missing[:4]}, unexpected {unexpected[:4]}")
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
     return model.eval()
 
 

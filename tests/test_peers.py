@@ -90,3 +90,22 @@ def test_static_placement_matches_eager(tmp_path):
         assert tokens == expected
     assert static.bytes_read > 0
     store.close()
+
+
+def test_skeleton_loads_without_experts(tmp_path):
+    """load_skeleton: experts stay on meta, every other weight (tied head included) equals the saved model's."""
+    from moe_env.models.tiny import tiny_model
+    from moe_env.peers import load_skeleton, prepare_model_dir
+
+    source = tmp_path / "src"
+    tiny_model("olmoe", seed=2, tie_word_embeddings=True).save_pretrained(source)
+    prepared = prepare_model_dir(str(source), tmp_path / "root")
+    skeleton = load_skeleton(prepared)
+    reference = tiny_model("olmoe", seed=2, tie_word_embeddings=True)
+    expected = reference.state_dict()
+    for name, tensor in skeleton.state_dict().items():
+        if ".mlp.experts." in name:
+            assert tensor.is_meta, name
+        else:
+            assert torch.equal(tensor, expected[name]), name
+    assert skeleton.lm_head.weight.data_ptr() == skeleton.model.embed_tokens.weight.data_ptr()

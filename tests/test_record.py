@@ -50,6 +50,8 @@ def test_recorded_trace_is_what_the_engine_routed(model_dir: Path, tmp_path: Pat
     assert (trace.meta.num_layers, trace.meta.num_experts, trace.meta.top_k) == (2, 8, 2)
     assert trace.meta.expert_bytes == spec.expert_bytes > 0
     assert trace.meta.config_hash == hashlib.sha256((model_dir / "config.json").read_bytes()).hexdigest()
+    weights = hashlib.sha256((model_dir / "model.safetensors").read_bytes()).hexdigest()
+    assert trace.meta.extra["weights_sha256"] == weights
     assert [(s.prompt_id, s.split) for s in trace.sequences] == [("p0", "train"), ("p1", "eval")]
     for seq, routings, result in zip(trace.sequences, seen, results, strict=True):
         assert seq.num_steps == NEW_TOKENS - 1 and seq.output_ids.tolist() == result.tokens

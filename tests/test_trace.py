@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -16,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moe_env.cache import ExpertCacheState
+from moe_env.embedded import embedded_model_dir
 from moe_env.errors import TraceFormatError, UsageError
 from moe_env.policy import ModelSpec, make_policy
 from moe_env.routing import LayerRouting, route_events
@@ -376,6 +378,11 @@ def test_shipped_traces_load(model: str) -> None:
     assert full.meta.source == "record" and full.meta.model == model
     assert len(full.sequences) == 64 and len(evaluation.sequences) == 16
     assert all(s.gate_logits is not None and s.prefill_experts is not None for s in full.sequences)
+    model_dir = embedded_model_dir(model)
+    if (model_dir / "config.json").exists():  # a retrained model makes the shipped trace stale: re-record it
+        assert full.meta.config_hash == hashlib.sha256((model_dir / "config.json").read_bytes()).hexdigest()
+        weights = hashlib.sha256((model_dir / "model.safetensors").read_bytes()).hexdigest()
+        assert full.meta.extra["weights_sha256"] == weights, "stale shipped trace: see docs/trace-format.md"
 
 
 # --------------------------------------------------------------------------------------------- recorder

@@ -52,6 +52,16 @@ def config_hash(model: str) -> str:
     return hashlib.sha256((resolve_model_dir(model) / "config.json").read_bytes()).hexdigest()
 
 
+def weights_hash(model: str) -> str:
+    """sha256 over the model's safetensors files (a retrained model makes its recorded traces stale)."""
+    digest = hashlib.sha256()
+    for path in sorted(resolve_model_dir(model).glob("*.safetensors")):
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
 def attach_recorder(engine: OffloadEngine, recorder: TraceRecorder) -> None:
     """Feed the engine's routing stream and sequence boundaries to `recorder`."""
     engine.add_observer(recorder)
@@ -78,7 +88,11 @@ def record_trace(
         source="record",
         config_hash=config_hash(engine.config.model),
         expert_bytes=spec.expert_bytes,
-        extra={"max_new_tokens": max_new_tokens, "policy": str(engine.config.policy)},
+        extra={
+            "max_new_tokens": max_new_tokens,
+            "policy": str(engine.config.policy),
+            "weights_sha256": weights_hash(engine.config.model),
+        },
     )
     recorder = TraceRecorder(meta)
     attach_recorder(engine, recorder)

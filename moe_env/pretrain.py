@@ -477,9 +477,9 @@ def train(
                     f"{(step - s_log) / (now - t_log):.2f} step/s elapsed {elapsed:.0f}s"
                 )
                 t_log, s_log = now, step
-            if step % cfg.ckpt_every == 0 or step == cfg.steps or step == stop_after:
+            if step % cfg.ckpt_every == 0 or step == cfg.steps or (stop_after is not None and step >= stop_after):
                 save_checkpoint()
-            if step == stop_after and step < cfg.steps:
+            if stop_after is not None and step >= stop_after and step < cfg.steps:
                 log(f"stopping after step {step}; checkpoint in {ckpt_path}")
                 return None
     except KeyboardInterrupt:

@@ -176,6 +176,11 @@ def accelerate_model(prepared: Path, cpu_budget_bytes: int, offload_folder: Path
         dtype=config.dtype,
     )
     del empty
+    device_map = dict(device_map)
+    if getattr(config, "tie_word_embeddings", False) and "lm_head" in device_map:
+        # tied head and embeddings must live together: a head sent to disk is looked up under its own name in the
+        # offload index, where the tied weight is not saved (KeyError 'lm_head.weight' at the first forward)
+        device_map["lm_head"] = device_map.get("model.embed_tokens", device_map["lm_head"])
     model = AutoModelForCausalLM.from_pretrained(
         source,
         dtype="auto",

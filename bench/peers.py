@@ -378,7 +378,7 @@ def record_trace(engine, prompts, new_tokens, path: str, shape: dict) -> str:
     from moe_env.trace import Trace, TraceMeta, TraceRecorder, save_trace
 
     meta = TraceMeta(
-        model="peers", num_layers=shape["layers"], num_experts=shape["experts"], top_k=shape["top_k"],
+        model=engine.spec.name, num_layers=shape["layers"], num_experts=shape["experts"], top_k=shape["top_k"],
         source="record", expert_bytes=shape["expert_bytes"],
     )  # fmt: skip
     recorder = TraceRecorder(meta)

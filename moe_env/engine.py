@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedModel
+from transformers.utils import logging as hf_logging
 
 from moe_env.cache import Counters, ExpertCacheState
 from moe_env.device_cache import SlotPools
@@ -30,7 +31,7 @@ from moe_env.errors import ModelError, UsageError
 from moe_env.metrics import RunMetrics
 from moe_env.models import ModelAdapter, adapter_for
 from moe_env.offload import OffloadRuntime, RoutingObserver
-from moe_env.policy import ModelSpec, Policy, build_policy
+from moe_env.policy import ModelSpec, Policy, build_policy, check_policy_spec
 from moe_env.store import DiskExpertStore, HostExpertStore, PinnedExpertStore
 from moe_env.transfer import link_by_name, make_copy_engine
 
@@ -99,6 +100,10 @@ def greedy_decode(
 
 class OffloadEngine:
     def __init__(self, config: EngineConfig):
+        # Bad specs are reported before the (slow) model load.
+        link_by_name(config.link)
+        check_policy_spec(config.policy)
+        check_policy_spec(config.prefetch)
         model, tokenizer, source_dir = load_model(config.model, config.dtype)
         self._init(model, tokenizer, config, source_dir)
 
@@ -331,10 +336,15 @@ def load_model(name: str, dtype: str | None) -> tuple[PreTrainedModel, object | 
         raise ModelError(
             f"model type {config_type!r} is not a supported MoE family; supported: {', '.join(supported_model_types())}"
         )
+    bar_was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a loading bar per run is noise around our own progress and errors
     try:
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch_dtype, experts_implementation="eager")
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load model from {directory}: {str(exc).splitlines()[0]}") from None
+    finally:
+        if bar_was_enabled:
+            hf_logging.enable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory)
     except (OSError, ValueError):

@@ -203,16 +203,27 @@ def parse_policy_spec(spec: str) -> tuple[str, list[Any], dict[str, Any]]:
     return name, args, kwargs
 
 
+def _registered(name: str) -> Any:
+    registry = available_policies()
+    if name not in registry:
+        known = ", ".join(sorted(registry)) or "none installed (pip install -e .)"
+        raise PolicySpecError(f"unknown policy {name!r}; known policies: {known}")
+    return registry[name]
+
+
+def check_policy_spec(spec: str | Policy | None) -> None:
+    """Fail fast on a malformed spec or an unknown name, without building the policy (no checkpoint loads)."""
+    if spec is None or isinstance(spec, Policy):
+        return
+    _registered(parse_policy_spec(spec)[0])
+
+
 def make_policy(spec: str | Policy) -> Policy:
     """Build a policy from a spec string through the plug-in registry (or pass a Policy through)."""
     if isinstance(spec, Policy):
         return spec
     name, args, kwargs = parse_policy_spec(spec)
-    registry = available_policies()
-    if name not in registry:
-        known = ", ".join(sorted(registry)) or "none installed (pip install -e .)"
-        raise PolicySpecError(f"unknown policy {name!r}; known policies: {known}")
-    factory = registry[name].load()
+    factory = _registered(name).load()
     try:
         policy = factory(*args, **kwargs)
     except TypeError as exc:

@@ -20,6 +20,7 @@ from stable_baselines3.common.policies import ActorCriticPolicy
 
 from agents.checkpoint import PolicyCheckpoint, load_checkpoint, save_checkpoint, shipped_policy_path, spec_dict
 from agents.learned import LearnedPolicy, check_obs_size
+from agents.predictor import copy_ratio
 from agents.prior import ScorePrior
 from moe_env.env import MoEOffloadEnv
 from moe_env.errors import CheckpointError
@@ -117,10 +118,13 @@ def save_ppo_policy(policy: ActorCriticPolicy, prior: ScorePrior, config: PPOCon
 
 
 class PPOPolicy(LearnedPolicy):
-    """``--policy ppo[:PATH]``: a trained PPO policy (deterministic: the Gaussian's mean); no PATH: the shipped one."""
+    """``--policy ppo[:PATH][,copy_ratio=R]``: a trained PPO policy (deterministic: the Gaussian's mean); no PATH:
+    the shipped one. A predictor prior's prefetch threshold follows the bound cost model (or ``copy_ratio``)."""
 
-    def __init__(self, path: str | os.PathLike | None = None):
+    def __init__(self, path: str | os.PathLike | None = None, copy_ratio: float | None = None):
         super().__init__()  # LRU fallback, as the env's default
+        self.copy_ratio = None if copy_ratio is None else float(copy_ratio)
+        self._cost = None
         self.path = Path(path) if path else shipped_policy_path(KIND)
         where = str(self.path)
         self.ckpt = load_checkpoint(self.path, KIND)
@@ -146,6 +150,13 @@ class PPOPolicy(LearnedPolicy):
         self.ckpt.check_spec(spec, str(self.path))
         check_obs_size(self.ckpt.obs_size, spec, capacity, str(self.path))
         self.prior.capacity = capacity
+        ratio = self.copy_ratio
+        if ratio is None and self._cost is not None:
+            ratio = copy_ratio(self._cost, spec.top_k)
+        self.prior.copy_ratio = ratio
+
+    def bind_cost_model(self, cost) -> None:
+        self._cost = cost
 
     def residual(self, obs: np.ndarray) -> np.ndarray:
         with torch.no_grad():

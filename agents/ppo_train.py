@@ -25,7 +25,7 @@ from stable_baselines3.common.vec_env import DummyVecEnv
 
 from agents.checkpoint import shipped_policy_path
 from agents.ppo import PPOConfig, PPOPolicy, ResidualActionWrapper, save_ppo_policy
-from agents.predictor import PredictorPolicy
+from agents.predictor import PredictorPolicy, copy_ratio
 from agents.prior import ScorePrior
 from moe_env.env import MoEOffloadEnv, default_capacity
 from moe_env.errors import UsageError
@@ -40,8 +40,12 @@ def build_prior(config: PPOConfig, trace: Trace, capacity: int) -> ScorePrior:
     if config.prior != "predictor":
         return ScorePrior(config.prior, meta.num_layers, meta.num_experts, capacity, dict(config.prior_config))
     predictor = PredictorPolicy(config.prior_predictor or shipped_policy_path("predictor", meta.model))
-    settings = {"threshold": predictor.threshold, "next_weight": predictor.next_weight} | config.prior_config
-    return ScorePrior("predictor", meta.num_layers, meta.num_experts, capacity, settings, predictor.net)
+    settings = {"threshold": predictor.threshold, "next_weight": predictor.next_weight}
+    if predictor.calibrated_ratio != 1.0:
+        settings["copy_ratio"] = predictor.calibrated_ratio
+    settings |= config.prior_config
+    ratio = copy_ratio(cost_model_for(meta, config.profile), meta.top_k)  # as the plug-in's prior will see it
+    return ScorePrior("predictor", meta.num_layers, meta.num_experts, capacity, settings, predictor.net, ratio)
 
 
 class EvalCallback(BaseCallback):

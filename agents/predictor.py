@@ -9,6 +9,14 @@ policy produced the data) and outputs, per expert of the target layer,
           (a learned, Belady-flavoured signal of how soon it is needed again: what to keep).
 The policy prefetches the experts with p_now >= threshold (best first) and evicts the lowest
 p_now + next_weight * mean_h p_h.
+
+The threshold is cost-aware (``cost_aware_threshold``): a right prefetch saves at most the lead it has over the
+demand load it replaces (one layer's compute) and at most one copy, a wrong one delays the demand loads queued
+behind it on the FIFO link by up to one copy; so the break-even odds p / (1 - p) grow with
+copy_ratio = copy time / min(copy time, one layer's compute). The calibrated threshold fixes the constant at the
+calibration profile's ratio; under a driver that binds its cost model (the simulator, ``moe-env bench``, the env)
+the threshold moves with the ratio of the profile in use (e.g. 0.4 -> 0.87 for Mixtral-sized 4-bit experts on
+PCIe 4, where a copy costs ~10 layers of compute). An explicit ``threshold=`` is used as given.
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ from agents.learned import LearnedPolicy, check_obs_size
 from moe_env.env import MoEOffloadEnv, action_from_policy, rank_scores
 from moe_env.errors import CheckpointError
 from moe_env.policy import CacheView, ModelSpec, RouteEvent, make_policy
+from moe_env.sim import cost_model_for
 from moe_env.trace import Trace
 
 KIND = "predictor"
@@ -199,11 +208,32 @@ def save_predictor(net: ActivationNet, config: PredictorConfig, spec: ModelSpec,
     return save_checkpoint(ckpt, path)
 
 
+def copy_ratio(cost, top_k: int) -> float:
+    """copy time / min(copy time, one layer's compute) >= 1: how many times a wrong prefetch's cost on the link
+    exceeds what a right one can save (a prefetch is issued about one layer ahead of the demand load)."""
+    lead = cost.layer_compute_s + top_k * cost.expert_compute_s
+    return max(cost.copy_s / max(min(cost.copy_s, lead), 1e-12), 1.0)
+
+
+def cost_aware_threshold(threshold: float, ratio: float | None, calibrated_ratio: float = 1.0) -> float:
+    """The prefetch threshold calibrated at copy ratio `calibrated_ratio`, moved to copy ratio `ratio`.
+
+    Prefetch iff p * saving >= (1 - p) * beta * copy, i.e. odds(p) >= beta * ratio; the calibrated threshold
+    gives beta, the profile gives ratio. Thresholds outside (0, 1) (e.g. 1.01: never prefetch) are kept."""
+    if ratio is None or ratio == calibrated_ratio or not 0.0 < threshold < 1.0:
+        return threshold
+    odds = threshold / (1.0 - threshold) * ratio / max(calibrated_ratio, 1e-12)
+    return odds / (1.0 + odds)
+
+
 class PredictorPolicy(LearnedPolicy):
-    """``--policy predictor[:PATH][,threshold=0.5][,next_weight=0.5]``; no PATH: the shipped tiny-mixtral one."""
+    """``--policy predictor[:PATH][,threshold=0.5][,next_weight=0.5][,copy_ratio=R][,cost_aware=False]``; no PATH:
+    the shipped tiny-mixtral one. Without ``threshold`` the calibrated one, moved to the bound cost model's copy
+    ratio (or to ``copy_ratio``, e.g. in the engine, which has no cost model); ``cost_aware=False``: as calibrated."""
 
     def __init__(self, path: str | os.PathLike | None = None, threshold: float | None = None,
-                 next_weight: float | None = None):  # fmt: skip
+                 next_weight: float | None = None, copy_ratio: float | None = None,
+                 cost_aware: bool = True):  # fmt: skip
         super().__init__()  # LRU fallback, as the env's default
         self.path = Path(path) if path else shipped_policy_path(KIND)
         self.ckpt = load_checkpoint(self.path, KIND)
@@ -212,8 +242,13 @@ class PredictorPolicy(LearnedPolicy):
             hidden = int(config.get("hidden", 128))
             self.threshold = float(config.get("threshold", 0.5) if threshold is None else threshold)
             self.next_weight = float(config.get("next_weight", 0.5) if next_weight is None else next_weight)
+            self.calibrated_ratio = float(config.get("copy_ratio", 1.0))
+            self.copy_ratio = None if copy_ratio is None else float(copy_ratio)
         except (TypeError, ValueError) as exc:
             raise CheckpointError(f"{self.path}: bad predictor config ({exc})") from None
+        self.base_threshold = self.threshold
+        self.adapt = threshold is None and bool(cost_aware)
+        self._cost = None
         m = self.ckpt.model
         self.index = routing_feature_index(m["num_layers"], m["num_experts"])
         self.net = ActivationNet(len(self.index), m["num_experts"], hidden)
@@ -223,6 +258,17 @@ class PredictorPolicy(LearnedPolicy):
     def check_model(self, spec: ModelSpec, capacity: int) -> None:
         self.ckpt.check_spec(spec, str(self.path))
         check_obs_size(self.ckpt.obs_size, spec, capacity, str(self.path))
+
+    def bind_cost_model(self, cost) -> None:
+        self._cost = cost
+
+    def reset(self, spec: ModelSpec, capacity: int) -> None:
+        super().reset(spec, capacity)
+        if self.adapt:
+            ratio = self.copy_ratio
+            if ratio is None and self._cost is not None:
+                ratio = copy_ratio(self._cost, spec.top_k)
+            self.threshold = cost_aware_threshold(self.base_threshold, ratio, self.calibrated_ratio)
 
     def act(self, obs: np.ndarray, event: RouteEvent, cache: CacheView) -> np.ndarray:
         probs = predict(self.net, obs[self.index][None, :])[0]
@@ -255,8 +301,12 @@ def calibrate(path: Path, validation: Trace, capacity: int, profile: str | None,
             if best is None or result.stall_s_per_token < best[0]:
                 best = (result.stall_s_per_token, threshold, weight)
     assert best is not None
+    ratio = copy_ratio(cost_model_for(validation.meta, profile), validation.meta.top_k)
     ckpt = load_checkpoint(path, KIND)
-    ckpt.config.update(threshold=best[1], next_weight=best[2])
+    ckpt.config.update(threshold=best[1], next_weight=best[2], copy_ratio=ratio)
     save_checkpoint(ckpt, path)
-    log(f"calibrated on validation: threshold {best[1]}, next_weight {best[2]} ({1e3 * best[0]:.3f} ms/token)")
+    log(
+        f"calibrated on validation: threshold {best[1]}, next_weight {best[2]} ({1e3 * best[0]:.3f} ms/token, "
+        f"copy ratio {ratio:.2f})"
+    )
     return best[1], best[2]

@@ -7,7 +7,9 @@ improves from there. Priors are pure functions of the observation, so the env wr
   features:  a weighted ranking ``longrun * f_longrun + decayed * f_decayed + recency * f_recency + lookahead *
              p_lookahead`` (config keys, defaults 1, 0.5, 0.1, 2; longrun alone is exactly LFU) with lookahead
              prefetch when the lookahead probability reaches ``prefetch_threshold`` (default 0.5);
-  predictor: a trained activation predictor (agents.predictor) embedded in the checkpoint.
+  predictor: a trained activation predictor (agents.predictor) embedded in the checkpoint; its prefetch threshold
+             is moved to ``copy_ratio`` (set by the driver: the cost model's copy ratio) as the predictor plug-in's
+             (``agents.predictor.cost_aware_threshold``; None, e.g. in the engine: as calibrated).
 """
 
 from __future__ import annotations
@@ -18,7 +20,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from agents.predictor import HORIZONS, ActivationNet, predict, predictor_scores, routing_feature_index
+from agents.predictor import (
+    HORIZONS,
+    ActivationNet,
+    cost_aware_threshold,
+    predict,
+    predictor_scores,
+    routing_feature_index,
+)
 from moe_env.env import rank_scores
 from moe_env.errors import CheckpointError, UsageError
 
@@ -33,6 +42,7 @@ class ScorePrior:
     capacity: int
     config: dict[str, Any] = field(default_factory=dict)
     net: ActivationNet | None = None
+    copy_ratio: float | None = None  # the cost model's copy ratio (agents.predictor.copy_ratio); not saved
 
     def __post_init__(self) -> None:
         if self.kind not in PRIORS:
@@ -47,7 +57,8 @@ class ScorePrior:
             return np.zeros(e, dtype=np.float64)
         if self.kind == "predictor":
             probs = predict(self.net, obs[self._index][None, :])[0]  # type: ignore[arg-type]
-            threshold = float(self.config.get("threshold", 0.5))
+            threshold = cost_aware_threshold(float(self.config.get("threshold", 0.5)), self.copy_ratio,
+                                             float(self.config.get("copy_ratio", 1.0)))  # fmt: skip
             return predictor_scores(probs[0], probs[1:].mean(axis=0), threshold,
                                     float(self.config.get("next_weight", 1.0)), self.capacity)  # fmt: skip
         lookahead, recency, decayed, longrun = obs[0:e], obs[6 * e : 7 * e], obs[7 * e : 8 * e], obs[8 * e : 9 * e]

@@ -120,6 +120,11 @@ class Policy:
         self.spec = spec
         self.capacity = capacity
 
+    def bind_cost_model(self, cost: Any) -> None:
+        """Told the driver's cost model (a ``moe_env.costmodel.CostModel``) before ``reset`` by drivers that have
+        one (the simulator, the env's replays); the live engine has none and never calls it. Default: ignored."""
+        return None
+
     def observe(self, event: RouteEvent, cache: CacheView) -> None:
         return None
 
@@ -146,6 +151,10 @@ class CombinedPolicy(Policy):
         super().reset(spec, capacity)
         self.evict.reset(spec, capacity)
         self.prefetcher.reset(spec, capacity)
+
+    def bind_cost_model(self, cost: Any) -> None:
+        self.evict.bind_cost_model(cost)
+        self.prefetcher.bind_cost_model(cost)
 
     def observe(self, event: RouteEvent, cache: CacheView) -> None:
         self.evict.observe(event, cache)

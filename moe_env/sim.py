@@ -195,6 +195,7 @@ class Replayer:
         self.policy = policy
         self.capacity = capacity
         self.with_oracle = with_oracle or policy.needs_future
+        policy.bind_cost_model(cost)
         self.cache = ExpertCacheState(self.spec, capacity, policy)
         self._copy_s = cost.copy_s
         self._expert_s = cost.expert_compute_s

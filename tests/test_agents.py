@@ -258,3 +258,75 @@ def test_shipped_policies_beat_lru_on_the_held_out_split():
         learned = simulate(trace, make_policy(kind), 4)
         assert learned.stall_s_per_token < lru.stall_s_per_token
         assert learned.hit_rate > lru.hit_rate
+
+
+def test_cost_aware_threshold_follows_the_copy_ratio():
+    from agents.predictor import cost_aware_threshold
+
+    assert cost_aware_threshold(0.4, 1.0) == 0.4  # the calibration regime: unchanged
+    assert cost_aware_threshold(0.4, None) == 0.4  # no cost model (the engine): as calibrated
+    assert cost_aware_threshold(1.01, 10.0) == 1.01  # "never prefetch" stays never
+    moved = [cost_aware_threshold(0.4, r) for r in (1.0, 2.0, 10.0, 100.0)]
+    assert moved == sorted(moved) and moved[-1] < 1.0
+    assert cost_aware_threshold(0.4, 10.0, calibrated_ratio=10.0) == pytest.approx(0.4)
+    odds = 0.4 / 0.6 * 10.0  # break-even odds p / (1 - p) scale with the ratio
+    assert cost_aware_threshold(0.4, 10.0) == pytest.approx(odds / (1 + odds))
+
+
+def test_shipped_predictor_threshold_depends_on_the_profile_not_on_the_driver():
+    """The as-recorded profile keeps the calibrated threshold; a link-bound one raises it; explicit ones stay."""
+    from moe_env.trace import builtin_trace_names, load_trace
+
+    if "tiny-mixtral" not in builtin_trace_names():
+        pytest.skip("builtin tiny-mixtral traces not shipped")
+    full = load_trace("builtin:tiny-mixtral/eval")
+    trace = type(full)(full.meta, full.sequences[:1])
+    thresholds = {}
+    for profile in ("consumer-pcie4", "consumer-pcie4:mixtral-8x7b-4bit"):
+        for spec in ("predictor", "predictor:threshold=0.4", "predictor:cost_aware=False"):
+            policy = make_policy(spec)
+            simulate(trace, policy, 4, profile)
+            thresholds[profile, spec] = policy.threshold
+    base = PredictorPolicy().base_threshold
+    assert thresholds["consumer-pcie4", "predictor"] == base
+    assert thresholds["consumer-pcie4:mixtral-8x7b-4bit", "predictor"] > base + 0.3
+    for profile in ("consumer-pcie4", "consumer-pcie4:mixtral-8x7b-4bit"):
+        assert thresholds[profile, "predictor:threshold=0.4"] == 0.4
+        assert thresholds[profile, "predictor:cost_aware=False"] == base
+    ppo = make_policy("ppo")
+    simulate(trace, ppo, 4, "consumer-pcie4:mixtral-8x7b-4bit")
+    assert ppo.prior.copy_ratio > 5.0
+
+
+def test_cost_aware_predictor_does_not_prefetch_itself_behind_demand_lru_when_link_bound():
+    """Deterministic quality guard on 4 held-out prompts: with Mixtral-sized 4-bit experts (a copy ~10 layers of
+    compute) the shipped predictor must not stall more than demand-only LRFU; as calibrated it did."""
+    from moe_env.trace import builtin_trace_names, load_trace
+
+    if "tiny-mixtral" not in builtin_trace_names():
+        pytest.skip("builtin tiny-mixtral traces not shipped")
+    full = load_trace("builtin:tiny-mixtral/eval")
+    trace = type(full)(full.meta, full.sequences[:4])
+    profile = "consumer-pcie4:mixtral-8x7b-4bit"
+    lrfu = simulate(trace, "lrfu:lam=0.01", 4, profile)
+    aware = simulate(trace, make_policy("predictor"), 4, profile)
+    fixed = simulate(trace, make_policy("predictor:cost_aware=False"), 4, profile)
+    assert aware.stall_s_per_token < lrfu.stall_s_per_token
+    assert aware.stall_s_per_token < fixed.stall_s_per_token
+
+
+@pytest.mark.parametrize("kind", ["predictor", "ppo"])
+def test_cost_aware_plugin_decides_as_in_the_env_under_a_link_bound_profile(trace, predictor_path, ppo_path, kind):
+    """Bound to the env's cost model, the plug-in acting on env observations matches the simulator's replay."""
+    profile = "consumer-pcie4:mixtral-8x7b-4bit"
+    spec = f"{kind}:{predictor_path if kind == 'predictor' else ppo_path}"
+    env = MoEOffloadEnv(trace, capacity=3, profile=profile)
+    actor = make_policy(spec)
+    actor.bind_cost_model(env.cost)
+    actor.reset(env.model_spec, 3)
+    hits = misses = 0
+    for i in range(len(trace.sequences)):
+        info = rollout(env, lambda obs, e: actor.act(obs, e.current_event, e.cache), i)
+        hits, misses = hits + info["hits"], misses + info["misses"]
+    result = simulate(trace, make_policy(spec), 3, profile)
+    assert (hits, misses) == (result.hits, result.misses)

@@ -12,8 +12,8 @@ decode of the same prompts under:
   moe-env:P       moe-env's engine with the budget as cache slots per layer, policy P (lru, lfu-decay, with
                   lookahead prefetch, and ppo / predictor when their plug-in loads a checkpoint for this model)
 Each configuration runs in a fresh subprocess (its own resident-set high-water mark), loads, warms up, then decodes
-every prompt `--runs` times. Before every forward the slow tier is made cold (posix_fadvise DONTNEED on its files,
-madvise DONTNEED on moe-env's store mapping): this emulates a machine whose RAM beyond the budget cannot cache it,
+every prompt `--runs` times. Before every forward the slow tier is made cold (posix_fadvise DONTNEED on its files;
+moe-env's store maps nothing): this emulates a machine whose RAM beyond the budget cannot cache it,
 so reads outside the budget are real disk reads, counted from /proc/self/io. Reported: decode tokens/s (median of
 runs), time to first token (median), peak RSS during decode (VmHWM reset after loading; on CUDA max allocated),
 bytes read from the slow tier per run, whether the tokens equal the resident model's, speedup vs accelerate.
@@ -260,7 +260,7 @@ def _measure(spec: dict, cleanup: list[Path]) -> dict:
             )
             static = peers.StaticPlacement(model, store, device)
             model.to(device)
-            tier = peers.SlowTier([prepared / peers.STORE_FILE], [store])
+            tier = peers.SlowTier([prepared / peers.STORE_FILE])
             decode = plain_decode(model)
             tier.drop()
             decode(spec["calibration"], new_tokens, tier.drop)  # warm-up on a separate prompt: usage counts
@@ -278,7 +278,7 @@ def _measure(spec: dict, cleanup: list[Path]) -> dict:
                     device=str(device),
                 ),
             )  # fmt: skip
-            tier = peers.SlowTier([prepared / peers.STORE_FILE], [engine.runtime.store])
+            tier = peers.SlowTier([prepared / peers.STORE_FILE])
             results: list = []
 
             def decode(ids, n, drop):
@@ -397,37 +397,45 @@ def record_trace(engine, prompts, new_tokens, path: str, shape: dict) -> str:
 
 # -- calibration for the forecast -----------------------------------------------------------------------------
 def calibrate(prepared: Path) -> dict:
-    """The slow tier's cold-read bandwidth as moe-env copies (mmap'd store -> slot, pages dropped first) and one
-    expert's compute time for one token: the cost model's link and device speed on this machine."""
-    from moe_env.store import _read_offsets
+    """The slow tier's cold-read bandwidth as moe-env copies (the store's pread into a slot, pages dropped first),
+    the same reads through a memory map (the store's former path, for comparison) and one expert's compute time for
+    one token: the cost model's link and device speed on this machine."""
+    from moe_env.checkpoint import read_header
+    from moe_env.models.base import ExpertShape
+    from moe_env.store import DiskExpertStore
 
     shape = peers.model_shape(prepared)
     path = prepared / peers.STORE_FILE
-    offsets = sorted(_read_offsets(path).values())
+    header = read_header(path)
+    first = next(iter(header.values()))
+    layers, experts = shape["layers"], shape["experts"]
+    store = DiskExpertStore(path, ExpertShape(shape["hidden"], shape["expert_intermediate"], first.dtype), layers,
+                            experts)  # fmt: skip
     rng = np.random.default_rng(0)
-    picks = [offsets[i] for i in rng.choice(len(offsets), size=min(24, len(offsets)), replace=False)]
-    mapped = np.memmap(path, dtype=np.uint8, mode="c")
-    dst = torch.empty(picks[0][1] - picks[0][0], dtype=torch.uint8)
+    picks = [(int(i) // experts, int(i) % experts) for i in rng.choice(layers * experts, size=min(24, layers * experts),
+                                                                         replace=False)]  # fmt: skip
+    dst = torch.empty(store.shape.numel, dtype=store.shape.dtype)
     tier = peers.SlowTier([path])
     times = []
-    for begin, end in picks:
+    for layer, expert in picks:
+        tier.drop()
+        t = time.perf_counter()
+        store.read_into(layer, expert, dst)
+        times.append(time.perf_counter() - t)
+    store.close()
+    copy_s = statistics.median(times)
+    mapped = np.memmap(path, dtype=np.uint8, mode="c")
+    raw = dst.view(torch.uint8)
+    times = []
+    for layer, expert in picks:
+        info = header[f"layer{layer}.expert{expert}"]
         mapped._mmap.madvise(__import__("mmap").MADV_DONTNEED)
         tier.drop()
         t = time.perf_counter()
-        dst.copy_(torch.from_numpy(mapped[begin:end]))
+        raw.copy_(torch.from_numpy(mapped[info.begin : info.end]))
         times.append(time.perf_counter() - t)
-    copy_s = statistics.median(times)
-    fd = os.open(path, os.O_RDONLY)  # the same ranges read with one preadv each: what a bulk loader gets
-    times = []
-    try:
-        for begin, _ in picks:
-            tier.drop()
-            t = time.perf_counter()
-            os.preadv(fd, [dst.numpy()], begin)
-            times.append(time.perf_counter() - t)
-    finally:
-        os.close(fd)
-    bulk_s = statistics.median(times)
+    mmap_s = statistics.median(times)
+    del mapped
     hidden, inter = shape["hidden"], shape["expert_intermediate"]
     dtype = torch.bfloat16 if shape["dtype"] == "bfloat16" else torch.float32
     gate_up = torch.randn(2 * inter, hidden).to(dtype)
@@ -442,7 +450,8 @@ def calibrate(prepared: Path) -> dict:
     return {
         "copy_s": copy_s,
         "link_gb_s": shape["expert_bytes"] / copy_s / 1e9,
-        "bulk_gb_s": shape["expert_bytes"] / bulk_s / 1e9,
+        "mmap_gb_s": shape["expert_bytes"] / mmap_s / 1e9,
+        "bulk_gb_s": shape["expert_bytes"] / copy_s / 1e9,  # accelerate's loads: a plain read, as the store's
         "expert_s": statistics.median(times),
     }
 
@@ -452,8 +461,8 @@ def forecast(rows: list[dict], calib: dict, shape: dict, trace_path: str | None,
 
     Per layer the non-expert work is calibrated so that the resident model's time per token is matched exactly;
     moe-env rows replay the recorded trace through the same policy (moe_env.sim) over the link that moe-env's store
-    reaches (a cold mmap'd copy); accelerate loads its offloaded bytes synchronously at every forward (no overlap)
-    at bulk-read speed; static placement pays one mmap'd copy per non-pinned access.
+    reaches (a cold pread of one expert into a slot); accelerate loads its offloaded bytes synchronously at every
+    forward (no overlap) at bulk-read speed; static placement pays one such read per non-pinned access.
     """
     from moe_env.sim import simulate
     from moe_env.trace import read_trace_file
@@ -603,8 +612,8 @@ def main(argv: list[str] | None = None) -> int:
         if not calib.get("error"):
             forecast(rows, calib, shape, trace_path, resident["tokens_per_s"])
             print(
-                f"forecast: link {calib['link_gb_s']:.2f} GB/s (cold mmap copy of one expert as moe-env's store does, "
-                f"{calib['copy_s'] * 1e3:.1f} ms), bulk read {calib['bulk_gb_s']:.2f} GB/s (accelerate's loads), "
+                f"forecast: link {calib['link_gb_s']:.2f} GB/s (cold pread of one expert into a slot, as moe-env's "
+                f"store does, {calib['copy_s'] * 1e3:.1f} ms; through a memory map {calib['mmap_gb_s']:.2f} GB/s), "
                 f"one expert on one token {calib['expert_s'] * 1e3:.2f} ms"
             )
     print_table(rows, resident)

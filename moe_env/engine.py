@@ -17,6 +17,7 @@ import json
 import os
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,13 +27,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreT
 from transformers.utils import logging as hf_logging
 
 from moe_env.cache import Counters, ExpertCacheState
+from moe_env.checkpoint import CheckpointExperts, CheckpointLayoutError, load_skeleton
 from moe_env.device_cache import SlotPools
 from moe_env.errors import ModelError, UsageError
 from moe_env.metrics import RunMetrics
 from moe_env.models import ModelAdapter, adapter_for
 from moe_env.offload import OffloadRuntime, RoutingObserver
 from moe_env.policy import ModelSpec, Policy, build_policy, check_policy_spec
-from moe_env.store import DiskExpertStore, HostExpertStore, PinnedExpertStore
+from moe_env.store import DiskExpertStore, HostExpertStore, Packer, PinnedExpertStore
 from moe_env.transfer import link_by_name, make_copy_engine
 
 DEFAULT_MODEL = "tiny-mixtral"
@@ -104,8 +106,12 @@ class OffloadEngine:
         link_by_name(config.link)
         check_policy_spec(config.policy)
         check_policy_spec(config.prefetch)
-        model, tokenizer, source_dir = load_model(config.model, config.dtype)
-        self._init(model, tokenizer, config, source_dir)
+        model, tokenizer, source_dir, experts = load_offloadable(config.model, config.dtype)
+        try:
+            self._init(model, tokenizer, config, source_dir, experts)
+        finally:
+            if experts is not None:
+                experts.close()
 
     @classmethod
     def from_model(cls, model: PreTrainedModel, config: EngineConfig, tokenizer=None) -> OffloadEngine:
@@ -114,7 +120,14 @@ class OffloadEngine:
         engine._init(model, tokenizer, config, None)
         return engine
 
-    def _init(self, model: PreTrainedModel, tokenizer, config: EngineConfig, source_dir: Path | None) -> None:
+    def _init(
+        self,
+        model: PreTrainedModel,
+        tokenizer,
+        config: EngineConfig,
+        source_dir: Path | None,
+        experts: CheckpointExperts | None = None,
+    ) -> None:
         self.config = config
         self.tokenizer = tokenizer
         self.device = _device(config.device)
@@ -131,7 +144,8 @@ class OffloadEngine:
             expert_bytes=adapter.shape.nbytes,
             name=str(getattr(model.config, "name_or_path", "") or config.model),
         )
-        store = self._build_store(adapter, source_dir)
+        # experts from the checkpoint's files (the model holds none), else packed from the in-memory model
+        store = self._build_store(adapter, source_dir, None if experts is None else experts.pack)
         self.runtime = OffloadRuntime(
             adapter,
             store,
@@ -145,9 +159,9 @@ class OffloadEngine:
         self._starts: list[Callable[[list[int]], None]] = []
         self._ends: list[Callable[[GenerationResult], None]] = []
 
-    def _build_store(self, adapter: ModelAdapter, source_dir: Path | None) -> HostExpertStore:
+    def _build_store(self, adapter: ModelAdapter, source_dir: Path | None, pack: Packer | None) -> HostExpertStore:
         if self.device.type == "cuda":
-            return PinnedExpertStore(adapter)
+            return PinnedExpertStore(adapter, pack)
         if self.config.store_dir is not None:
             directory = Path(self.config.store_dir)
         elif source_dir is not None:
@@ -155,7 +169,7 @@ class OffloadEngine:
         else:
             self._tmp = tempfile.TemporaryDirectory(prefix="moe-env-store-")
             directory = Path(self._tmp.name)
-        return DiskExpertStore.write(adapter, directory / "experts.safetensors")
+        return DiskExpertStore.write(adapter, directory / "experts.safetensors", pack)
 
     # -- public API ----------------------------------------------------------------------------------------------
     @property
@@ -317,11 +331,12 @@ def _placeholder_model_dir() -> Path:
     return directory
 
 
-def load_model(name: str, dtype: str | None) -> tuple[PreTrainedModel, object | None, Path]:
+def _checked_model_dir(name: str, dtype: str | None) -> tuple[Path, torch.dtype | None]:
+    """The model directory of `name` (a supported MoE family) and the requested dtype (None: as stored)."""
     directory = resolve_model_dir(name)
     if not (directory / "config.json").exists():
         raise ModelError(f"{directory} has no config.json: not a Hugging Face model directory")
-    torch_dtype: torch.dtype | str = "auto"
+    torch_dtype = None
     if dtype is not None:
         if dtype not in _DTYPES:
             raise UsageError(f"unknown dtype {dtype!r}; known: {', '.join(_DTYPES)}")
@@ -336,20 +351,53 @@ def load_model(name: str, dtype: str | None) -> tuple[PreTrainedModel, object | 
         raise ModelError(
             f"model type {config_type!r} is not a supported MoE family; supported: {', '.join(supported_model_types())}"
         )
+    return directory, torch_dtype
+
+
+def _load_tokenizer(directory: Path):
+    try:
+        return AutoTokenizer.from_pretrained(directory)
+    except (OSError, ValueError):
+        return None
+
+
+def load_model(name: str, dtype: str | None) -> tuple[PreTrainedModel, object | None, Path]:
+    """The whole model, experts included (the unmodified reference; OffloadEngine uses load_offloadable)."""
+    directory, torch_dtype = _checked_model_dir(name, dtype)
     bar_was_enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # a loading bar per run is noise around our own progress and errors
     try:
-        model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch_dtype, experts_implementation="eager")
+        model = AutoModelForCausalLM.from_pretrained(
+            directory, dtype=torch_dtype or "auto", experts_implementation="eager"
+        )
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load model from {directory}: {str(exc).splitlines()[0]}") from None
     finally:
         if bar_was_enabled:
             hf_logging.enable_progress_bar()
+    return model.eval(), _load_tokenizer(directory), directory
+
+
+def load_offloadable(
+    name: str, dtype: str | None
+) -> tuple[PreTrainedModel, object | None, Path, CheckpointExperts | None]:
+    """The model without its experts (on meta) and a reader of its experts from the checkpoint, one at a time.
+
+    The process never holds every expert: the store is built (or found) by streaming them. A checkpoint that cannot
+    be streamed (no safetensors, or an unknown expert layout) is loaded whole, with a warning, and its experts are
+    packed from memory (reader None), as before.
+    """
+    directory, torch_dtype = _checked_model_dir(name, dtype)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(directory)
-    except (OSError, ValueError):
-        tokenizer = None
-    return model.eval(), tokenizer, directory
+        model = load_skeleton(directory, torch_dtype)
+        experts = CheckpointExperts(directory, adapter_for(model))
+    except CheckpointLayoutError as exc:
+        warnings.warn(f"{exc}; loading the whole model to pack its experts", stacklevel=2)
+        model, tokenizer, directory = load_model(name, dtype)
+        return model, tokenizer, directory, None
+    except (OSError, ValueError) as exc:  # unreadable files: the same one-line error as load_model's
+        raise ModelError(f"cannot load model from {directory}: {str(exc).splitlines()[0]}") from None
+    return model, _load_tokenizer(directory), directory, experts
 
 
 def _store_key(source_dir: Path, adapter: ModelAdapter) -> str:

@@ -12,6 +12,7 @@ does, so the output is bit-identical to the unmodified model.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import numpy as np
 import torch
@@ -129,7 +130,10 @@ class OffloadRuntime:
         """Queue demand loads, then prefetches (one FIFO link: demand copies are not stuck behind speculation)."""
         for load in (*plan.loads, *plan.prefetches):
             dst = self.pools.buffer(load.layer, load.slot)
-            src = self.store.source(load.layer, load.expert)
+            if self._cuda:
+                src = self.store.source(load.layer, load.expert)  # pinned: an async copy on the side stream
+            else:  # the copy thread reads the expert straight into the slot (a pread for the disk store)
+                src = partial(self.store.read_into, load.layer, load.expert)
             after = self._slot_read[load.layer][load.slot]  # CUDA: the slot's last reader must finish first
             self._tickets[load.layer][load.slot] = self.copier.submit(dst, src, after)
 

@@ -4,16 +4,16 @@
   2048, 64 experts of intermediate 1024, top-8, 16 heads, bf16: 12.58 MB per expert), fewer layers and a small
   vocabulary, saved once as a Hugging Face directory, with moe-env's packed expert store and a file of the
   non-expert weights beside it.
-- ``load_skeleton``: the model with its experts left on the meta device (non-expert weights only), for an
-  offloaded engine whose expert store already exists: the process never holds every expert at once.
+- ``load_skeleton``: the model with its experts left on the meta device (non-expert weights only; the engine's own
+  loader, moe_env.checkpoint.load_skeleton, on the source directory): the process never holds every expert at once.
 - ``accelerate_model``: transformers + accelerate offloading as accelerate's docs recommend (``device_map`` from
   ``infer_auto_device_map`` under a ``max_memory`` budget, the rest to ``"disk"`` with an ``offload_folder``).
 - ``StaticPlacement``: llama.cpp-style static placement (``--n-cpu-moe``/override-tensor idea) as its own small
   executor: the most-used experts of each layer pinned in RAM for good, every other routed expert read from the
   slow tier into a scratch buffer at each use and forgotten (no cache, no policy).
 - ``SlowTier``: emulates a machine whose RAM beyond the budget is not there to cache the slow tier: before each
-  forward, the store's mapped pages are released (madvise) and the files' page cache dropped (posix_fadvise
-  DONTNEED), so every read of an expert outside the budget is a real disk read.
+  forward, the files' page cache is dropped (posix_fadvise DONTNEED), so every read of an expert outside the budget
+  is a real disk read (the expert store maps nothing, so no mapping keeps its pages alive).
 - ``ProcessMemory`` / ``read_bytes``: the resident-set high-water mark (VmHWM, resettable through clear_refs) and
   the bytes this process read from storage (/proc/self/io).
 """
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import mmap
 import os
 import resource
 import time
@@ -30,11 +29,11 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
+from moe_env import checkpoint
 from moe_env.models import adapter_for
 from moe_env.models.base import ModelAdapter
 from moe_env.store import DiskExpertStore, HostExpertStore
@@ -98,11 +97,13 @@ def prepare_model_dir(model: str, root: Path, num_layers: int = 4, vocab_size: i
         built = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
         built.save_pretrained(directory)
         del built
-    loaded = AutoModelForCausalLM.from_pretrained(source, dtype="auto", experts_implementation="eager").eval()
-    adapter = adapter_for(loaded)
-    DiskExpertStore.write(adapter, directory / STORE_FILE).close()
-    # clones: tied weights (embeddings and head) share memory, which safetensors refuses; load_skeleton re-ties them
-    dense = {k: v.contiguous().clone() for k, v in loaded.state_dict().items() if not is_expert_key(k)}
+    # the skeleton and one expert at a time: preparing never holds the whole model either
+    skeleton = checkpoint.load_skeleton(source)
+    adapter = adapter_for(skeleton)
+    with checkpoint.CheckpointExperts(source, adapter) as experts:
+        DiskExpertStore.write(adapter, directory / STORE_FILE, experts.pack).close()
+    # clones: tied weights (embeddings and head) share memory, which safetensors refuses
+    dense = {k: v.contiguous().clone() for k, v in skeleton.state_dict().items() if not is_expert_key(k)}
     save_file(dense, str(directory / DENSE_FILE))
     (directory / "source").write_text(str(source.resolve()))
     return directory
@@ -134,26 +135,8 @@ def model_shape(prepared: Path) -> dict:
 
 
 def load_skeleton(prepared: Path) -> PreTrainedModel:
-    """The model with experts on the meta device (their shapes and dtype intact) and every other weight loaded.
-
-    Buffers (rotary frequencies) are built on the CPU as usual; only parameters start on meta.
-    """
-    from accelerate import init_empty_weights
-
-    config = AutoConfig.from_pretrained(source_dir(prepared))
-    config._experts_implementation = "eager"
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=config.dtype or torch.float32)
-    dense = {}
-    with safe_open(str(prepared / DENSE_FILE), "pt") as f:
-        for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
-            dense[key] = f.get_tensor(key)
-    missing, unexpected = model.load_state_dict(dense, strict=False, assign=True)
-    if unexpected or any(not is_expert_key(k) for k in missing):
-        raise RuntimeError(f"skeleton load: missing {missing[:4]}, unexpected {unexpected[:4]}")
-    if getattr(config, "tie_word_embeddings", False):
-        model.tie_weights()
-    return model.eval()
+    """The prepared model with experts on the meta device (their shapes and dtype intact), every other weight loaded."""
+    return checkpoint.load_skeleton(source_dir(prepared))
 
 
 def non_expert_bytes(prepared: Path) -> int:
@@ -254,7 +237,7 @@ class StaticPlacement:
             buffer = torch.empty((len(order), self.shape.numel), dtype=self.shape.dtype, device=self.device)
             self._pinned[layer] = {}
             for i, expert in enumerate(sorted(order)):
-                buffer[i].copy_(self.store.source(layer, expert))
+                self.store.read_into(layer, expert, buffer[i])
                 self._pinned[layer][expert] = self.shape.unpack(buffer[i])
             self._pinned_buffers.append(buffer)
             chosen.append(sorted(order))
@@ -269,7 +252,7 @@ class StaticPlacement:
         pinned = self._pinned[layer].get(expert)
         if pinned is not None:
             return pinned
-        self._scratch.copy_(self.store.source(layer, expert))
+        self.store.read_into(layer, expert, self._scratch)  # the disk store's pread, as the engine's copies
         self.bytes_read += self.shape.nbytes
         return self._scratch_views
 
@@ -278,15 +261,10 @@ class StaticPlacement:
 class SlowTier:
     """The files an offloaded configuration reads experts from; `drop()` makes the next reads real disk reads."""
 
-    def __init__(self, files: Iterable[Path], stores: Iterable[DiskExpertStore] = ()):
+    def __init__(self, files: Iterable[Path]):
         self.files = sorted({Path(f) for f in files if Path(f).is_file()})
-        self.stores = list(stores)
 
     def drop(self, *_: object) -> None:
-        for store in self.stores:
-            mapping = getattr(getattr(store, "_map", None), "_mmap", None)  # np.memmap's mmap.mmap
-            if mapping is not None:
-                mapping.madvise(mmap.MADV_DONTNEED)  # unmap the pages (a private, never-written mapping)
         for path in self.files:
             fd = os.open(path, os.O_RDONLY)
             try:

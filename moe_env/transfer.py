@@ -3,7 +3,8 @@
 - CUDA: one side stream; non-blocking copies from pinned memory, one event per copy; compute waits on the GPU
   (stream.wait_event) only for the expert it needs. Stall is measured on the GPU with timing events around each
   wait that was not already satisfied.
-- CPU: a copy thread consuming a FIFO queue. With a LinkModel each copy is paced to take latency + bytes /
+- CPU: a copy thread consuming a FIFO queue. A copy's source is a tensor or a reader `fn(dst)` (the disk store
+  preads the expert straight into the slot). With a LinkModel each copy is paced to take latency + bytes /
   bandwidth (sleeping off the remainder), so a CPU run reports the stalls of a target link.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -68,10 +70,13 @@ class Ticket:
         return self.event.is_set() if isinstance(self.event, threading.Event) else bool(self.event.query())
 
 
+Source = torch.Tensor | Callable[[torch.Tensor], None]  # a tensor to copy, or a reader that fills dst (CPU only)
+
+
 class CopyEngine:
     """Interface shared by the CPU and CUDA engines."""
 
-    def submit(self, dst: torch.Tensor, src: torch.Tensor, after: torch.cuda.Event | None = None) -> Ticket:
+    def submit(self, dst: torch.Tensor, src: Source, after: torch.cuda.Event | None = None) -> Ticket:
         raise NotImplementedError
 
     def wait(self, ticket: Ticket | None) -> None:
@@ -97,7 +102,7 @@ class ThreadCopyEngine(CopyEngine):
 
     def __init__(self, link: LinkModel):
         self.link = link
-        self._queue: queue.Queue[tuple[Ticket, torch.Tensor, torch.Tensor] | None] = queue.Queue()
+        self._queue: queue.Queue[tuple[Ticket, torch.Tensor, Source] | None] = queue.Queue()
         self._stall = 0.0
         self._busy = 0.0
         self._thread = threading.Thread(target=self._loop, name="moe-env-copy", daemon=True)
@@ -111,7 +116,10 @@ class ThreadCopyEngine(CopyEngine):
             ticket, dst, src = item
             start = time.perf_counter()
             try:
-                dst.copy_(src)
+                if callable(src):
+                    src(dst)
+                else:
+                    dst.copy_(src)
             except BaseException as exc:  # reported to the waiter, never lost in the thread
                 ticket.error = exc
             remaining = start + self.link.copy_seconds(ticket.nbytes) - time.perf_counter()
@@ -121,8 +129,8 @@ class ThreadCopyEngine(CopyEngine):
             assert isinstance(ticket.event, threading.Event)
             ticket.event.set()
 
-    def submit(self, dst: torch.Tensor, src: torch.Tensor, after: torch.cuda.Event | None = None) -> Ticket:
-        ticket = Ticket(src.numel() * src.element_size())
+    def submit(self, dst: torch.Tensor, src: Source, after: torch.cuda.Event | None = None) -> Ticket:
+        ticket = Ticket(dst.numel() * dst.element_size())
         ticket.event = threading.Event()
         self._queue.put((ticket, dst, src))
         return ticket

@@ -53,7 +53,8 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"tokens": result.tokens, "text": result.text, "metrics": metrics}))
         return 0
-    print(result.text if result.text is not None else " ".join(map(str, result.tokens)))
+    completion = result.text if result.text is not None else " ".join(map(str, result.tokens))
+    print(f"{args.prompt}{completion}")  # the prompt, then what the model wrote after it
     print()
     width = max(len(k) for k in metrics)
     for key, value in metrics.items():

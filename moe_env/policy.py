@@ -2,6 +2,7 @@
 
 A policy is a *scorer*. The cache (moe_env.cache.ExpertCacheState.route) is the only caller:
 
+- ``bind_cost_model(cost)`` once, by drivers that have a time model (simulator, env replays; not the live engine);
 - ``reset(spec, capacity)`` at the start of every sequence (caches start empty);
 - ``observe(event, cache)`` once per routed layer, before that layer's experts are acquired;
 - ``eviction_scores(layer, candidates, cache)`` when a slot must be freed: one score per candidate, the LOWEST

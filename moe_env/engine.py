@@ -11,7 +11,6 @@ generate. The engine patches the model it is given in place (``OffloadEngine.fro
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -26,6 +25,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
+from moe_env import embedded
 from moe_env.cache import Counters, ExpertCacheState
 from moe_env.checkpoint import CheckpointExperts, CheckpointLayoutError, load_skeleton
 from moe_env.device_cache import SlotPools
@@ -37,7 +37,7 @@ from moe_env.policy import ModelSpec, Policy, build_policy, check_policy_spec
 from moe_env.store import DiskExpertStore, HostExpertStore, Packer, PinnedExpertStore
 from moe_env.transfer import link_by_name, make_copy_engine
 
-DEFAULT_MODEL = "tiny-mixtral"
+DEFAULT_MODEL = embedded.DEFAULT_MODEL  # re-exported: the CLI and benches import it from here
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}  # fmt: skip
 
@@ -300,35 +300,13 @@ def resolve_model_dir(name: str) -> Path:
     path = Path(name).expanduser()
     if path.is_dir():
         return path
-    try:
-        from moe_env import embedded
-    except ImportError:
-        embedded = None
-    if embedded is not None and name in embedded.EMBEDDED_MODELS:
+    if name in embedded.EMBEDDED_MODELS:
         directory = Path(embedded.embedded_model_dir(name))
-        if (directory / "config.json").exists():
-            return directory
-        if name != DEFAULT_MODEL:
-            raise ModelError(f"embedded model {name!r} is not built yet: run train/pretrain.py (see README)")
-    if name == DEFAULT_MODEL:
-        return _placeholder_model_dir()  # the default model is not trained yet in this checkout
-    known = ", ".join(sorted(embedded.EMBEDDED_MODELS)) if embedded is not None else DEFAULT_MODEL
+        if not (directory / "config.json").exists():
+            raise ModelError(f"embedded model {name!r} is not built: run train/pretrain.py (see README)")
+        return directory
+    known = ", ".join(sorted(embedded.EMBEDDED_MODELS))
     raise UsageError(f"model {name!r} is neither a local model directory nor an embedded model ({known})")
-
-
-def _placeholder_model_dir() -> Path:
-    """Until the embedded models ship: a random-weight Mixtral with a byte tokenizer, saved once in a temp dir."""
-    from moe_env.models.tiny import byte_tokenizer, tiny_model
-
-    directory = Path(tempfile.gettempdir()) / "moe-env-placeholder-mixtral"
-    if not (directory / "config.json").exists():
-        model = tiny_model("mixtral", seed=0, vocab_size=256, hidden_size=64, intermediate_size=128)
-        staging = Path(tempfile.mkdtemp(prefix=".placeholder-", dir=directory.parent))
-        model.save_pretrained(staging)
-        byte_tokenizer().save_pretrained(staging)
-        with contextlib.suppress(OSError):  # another process won the race; its copy is identical
-            os.replace(staging, directory)
-    return directory
 
 
 def _checked_model_dir(name: str, dtype: str | None) -> tuple[Path, torch.dtype | None]:

@@ -1,4 +1,4 @@
-"""Small random-weight models of every supported family, built from a config (tests, benches, a placeholder).
+"""Small random-weight models of every supported family, built from a config (tests and benches).
 
 Random weights route in a varied way, which is what exactness tests and copy benchmarks need; they say nothing
 about real routing locality (use the embedded trained models or real traces for that).

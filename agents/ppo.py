@@ -1,6 +1,6 @@
 """PPO on MoEOffloadEnv (stable-baselines3) and the trained policy as a plug-in (``--policy ppo:PATH``).
 
-The agent outputs a residual on a score prior (agents.prior): the env receives
+The agent outputs a residual on a score prior (moe_env.agents.prior): the env receives
 ``clip(prior(obs) + residual_scale * residual, -1, 1)``. ``ResidualActionWrapper`` applies it during training;
 ``PPOPolicy`` applies the same function outside the env, from the policy-only checkpoint (actor weights, log_std,
 value net for completeness, the prior and its weights): so decisions in the env and as a plug-in are identical.
@@ -16,12 +16,12 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 import torch
+from moe_env.agents.checkpoint import PolicyCheckpoint, load_checkpoint, save_checkpoint, shipped_policy_path, spec_dict
+from moe_env.agents.learned import LearnedPolicy, check_obs_size
+from moe_env.agents.predictor import copy_ratio
+from moe_env.agents.prior import ScorePrior
 from stable_baselines3.common.policies import ActorCriticPolicy
 
-from agents.checkpoint import PolicyCheckpoint, load_checkpoint, save_checkpoint, shipped_policy_path, spec_dict
-from agents.learned import LearnedPolicy, check_obs_size
-from agents.predictor import copy_ratio
-from agents.prior import ScorePrior
 from moe_env.env import MoEOffloadEnv
 from moe_env.errors import CheckpointError
 from moe_env.policy import CacheView, ModelSpec, RouteEvent

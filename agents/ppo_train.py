@@ -4,7 +4,7 @@ A run directory holds: config.json, command.txt, tb/ (TensorBoard: train/hit_rat
 train/gap_captured per episode; validation/hit_rate, validation/stall_s_per_token, validation/gap_captured;
 SB3's losses), checkpoints/ (full SB3 models for --resume; last.zip is the newest), latest-policy.pt and
 best-policy.pt (policy-only, the plug-in format: ``--policy ppo:RUN/best-policy.pt``). Best = lowest stall per
-token on the validation traces (agents.traces.split_validation): the eval traces are only for the final table.
+token on the validation traces (moe_env.agents.traces.split_validation): the eval traces are only for the final table.
 """
 
 from __future__ import annotations
@@ -18,15 +18,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from moe_env.agents.checkpoint import shipped_policy_path
+from moe_env.agents.ppo import PPOConfig, PPOPolicy, ResidualActionWrapper, save_ppo_policy
+from moe_env.agents.predictor import PredictorPolicy, copy_ratio
+from moe_env.agents.prior import ScorePrior
 from stable_baselines3 import PPO
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.monitor import Monitor
 from stable_baselines3.common.vec_env import DummyVecEnv
 
-from agents.checkpoint import shipped_policy_path
-from agents.ppo import PPOConfig, PPOPolicy, ResidualActionWrapper, save_ppo_policy
-from agents.predictor import PredictorPolicy, copy_ratio
-from agents.prior import ScorePrior
 from moe_env.env import MoEOffloadEnv, default_capacity
 from moe_env.errors import UsageError
 from moe_env.sim import cost_model_for, simulate

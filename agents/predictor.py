@@ -28,9 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
-
-from agents.checkpoint import (
+from moe_env.agents.checkpoint import (
     PolicyCheckpoint,
     load_checkpoint,
     load_weights,
@@ -38,7 +36,9 @@ from agents.checkpoint import (
     shipped_policy_path,
     spec_dict,
 )
-from agents.learned import LearnedPolicy, check_obs_size
+from moe_env.agents.learned import LearnedPolicy, check_obs_size
+from torch import nn
+
 from moe_env.env import MoEOffloadEnv, action_from_policy, rank_scores
 from moe_env.errors import CheckpointError
 from moe_env.policy import CacheView, ModelSpec, RouteEvent, make_policy

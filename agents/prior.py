@@ -7,9 +7,9 @@ improves from there. Priors are pure functions of the observation, so the env wr
   features:  a weighted ranking ``longrun * f_longrun + decayed * f_decayed + recency * f_recency + lookahead *
              p_lookahead`` (config keys, defaults 1, 0.5, 0.1, 2; longrun alone is exactly LFU) with lookahead
              prefetch when the lookahead probability reaches ``prefetch_threshold`` (default 0.5);
-  predictor: a trained activation predictor (agents.predictor) embedded in the checkpoint; its prefetch threshold
+  predictor: a trained activation predictor (moe_env.agents.predictor) in the checkpoint; its prefetch threshold
              is moved to ``copy_ratio`` (set by the driver: the cost model's copy ratio) as the predictor plug-in's
-             (``agents.predictor.cost_aware_threshold``; None, e.g. in the engine: as calibrated).
+             (``moe_env.agents.predictor.cost_aware_threshold``; None, e.g. in the engine: as calibrated).
 """
 
 from __future__ import annotations
@@ -19,8 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
-
-from agents.predictor import (
+from moe_env.agents.predictor import (
     HORIZONS,
     ActivationNet,
     cost_aware_threshold,
@@ -28,6 +27,7 @@ from agents.predictor import (
     predictor_scores,
     routing_feature_index,
 )
+
 from moe_env.env import rank_scores
 from moe_env.errors import CheckpointError, UsageError
 
@@ -42,7 +42,7 @@ class ScorePrior:
     capacity: int
     config: dict[str, Any] = field(default_factory=dict)
     net: ActivationNet | None = None
-    copy_ratio: float | None = None  # the cost model's copy ratio (agents.predictor.copy_ratio); not saved
+    copy_ratio: float | None = None  # the cost model's copy ratio (moe_env.agents.predictor.copy_ratio); not saved
 
     def __post_init__(self) -> None:
         if self.kind not in PRIORS:

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from moe_env.agents.ppo import PPOConfig
+from moe_env.agents.ppo_train import train_ppo
+from moe_env.agents.traces import load_traces
 
-from agents.ppo import PPOConfig
-from agents.ppo_train import train_ppo
-from agents.traces import load_traces
 from moe_env.env import MoEOffloadEnv, action_from_policy
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "traces" / "mixtral-8x7b-gsm8k-routing.jsonl"

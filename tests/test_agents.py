@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from moe_env.agents.checkpoint import load_checkpoint, save_checkpoint, shipped_policy_path
+from moe_env.agents.ppo import PPOConfig, PPOPolicy, actor_critic, save_ppo_policy
+from moe_env.agents.predictor import PredictorConfig, PredictorPolicy, collect_samples, save_predictor, train_predictor
+from moe_env.agents.prior import ScorePrior
 from test_env import synthetic_trace
 
-from agents.checkpoint import load_checkpoint, save_checkpoint, shipped_policy_path
-from agents.ppo import PPOConfig, PPOPolicy, actor_critic, save_ppo_policy
-from agents.predictor import PredictorConfig, PredictorPolicy, collect_samples, save_predictor, train_predictor
-from agents.prior import ScorePrior
 from moe_env.env import MoEOffloadEnv, rollout
 from moe_env.errors import CheckpointError
 from moe_env.policy import make_policy
@@ -261,7 +261,7 @@ def test_shipped_policies_beat_lru_on_the_held_out_split():
 
 
 def test_cost_aware_threshold_follows_the_copy_ratio():
-    from agents.predictor import cost_aware_threshold
+    from moe_env.agents.predictor import cost_aware_threshold
 
     assert cost_aware_threshold(0.4, 1.0) == 0.4  # the calibration regime: unchanged
     assert cost_aware_threshold(0.4, None) == 0.4  # no cost model (the engine): as calibrated

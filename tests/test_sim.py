@@ -225,7 +225,7 @@ def test_fast_path_equals_general_path_on_random_traces(seed, experts, top_k, ex
 
 
 def test_fast_path_is_not_inherited():
-    from policies.lru import LRUPolicy
+    from moe_env.policies.lru import LRUPolicy
 
     class MostRecentlyUsed(LRUPolicy):
         def eviction_scores(self, layer, candidates, cache):

@@ -17,10 +17,11 @@ import sys
 import time
 from pathlib import Path
 
-from agents.evaluate import compare, report
-from agents.ppo import PPOConfig
-from agents.ppo_train import train_ppo, write_run_files
-from agents.traces import load_traces, split_validation
+from moe_env.agents.evaluate import compare, report
+from moe_env.agents.ppo import PPOConfig
+from moe_env.agents.ppo_train import train_ppo, write_run_files
+from moe_env.agents.traces import load_traces, split_validation
+
 from moe_env.env import default_capacity
 from moe_env.errors import MoeEnvError, UsageError
 
@@ -29,7 +30,7 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "ppo.json"
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="PPO config JSON (fields of agents.ppo.PPOConfig)")
+    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="PPO config JSON (moe_env.agents.ppo.PPOConfig)")
     p.add_argument("--traces", default="builtin:tiny-mixtral/train", help="training traces (spec[#i,j])")
     p.add_argument("--eval-traces", default="builtin:tiny-mixtral/eval", help="held-out traces (spec[#i,j])")
     p.add_argument("--total-timesteps", type=int, default=None)

@@ -3,7 +3,7 @@
     python train/predictor.py                   # builtin:tiny-mixtral/train, eval on builtin:tiny-mixtral/eval
     python train/predictor.py --traces T.jsonl#0 --eval-traces T.jsonl#1 --profile consumer-pcie4:mixtral-8x7b-4bit
 
-Trains on the training traces minus a validation split (agents.traces.split_validation), calibrates the prefetch
+Trains on the training traces minus a validation split (moe_env.agents.traces.split_validation), calibrates the prefetch
 threshold and eviction weight on the validation split, reports on the eval traces. Writes OUT (default
 runs/predictor-<model>.pt) usable as ``--policy predictor:OUT``; library code in agents/predictor.py.
 """
@@ -18,9 +18,8 @@ from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
-
-from agents.evaluate import compare, report
-from agents.predictor import (
+from moe_env.agents.evaluate import compare, report
+from moe_env.agents.predictor import (
     PredictorConfig,
     calibrate,
     collect_samples,
@@ -28,7 +27,8 @@ from agents.predictor import (
     save_predictor,
     train_predictor,
 )
-from agents.traces import load_traces, split_validation
+from moe_env.agents.traces import load_traces, split_validation
+
 from moe_env.env import MoEOffloadEnv, default_capacity
 from moe_env.errors import MoeEnvError, UsageError
 

@@ -298,7 +298,7 @@ class MoEOffloadEnv(gym.Env):
                 if routing.prefill:
                     prefill.append(routing)
                 else:
-                    (event,) = route_events(routing, self.capacity)
+                    (event,) = route_events(routing, self.replayer.cache)
                     decode.append((routing, event))
             if not decode:
                 raise UsageError(f"sequence {index} of the trace has no decode steps")
@@ -490,7 +490,7 @@ class LiveMoEOffloadEnv(gym.Env):
     def _observe(self, routing: LayerRouting) -> None:
         for event in self._unaccounted:
             self.builder.update(event)
-        events = list(route_events(routing, self.capacity))
+        events = list(route_events(routing, self.engine.cache_state))
         self._unaccounted = events
         if not routing.prefill:
             event = events[0]

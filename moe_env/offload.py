@@ -88,7 +88,7 @@ class OffloadRuntime:
         with torch.no_grad():
             expert_mask = torch.nn.functional.one_hot(top_k_index, num_classes=num_experts + 1).permute(2, 1, 0)
         contributions: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        for event in route_events(routing, self.cache_state.capacity):
+        for event in route_events(routing, self.cache_state):
             plan = self.cache_state.route(event)
             self._issue(plan)
             for expert, slot in self._ready_order(plan):

@@ -3,11 +3,15 @@
 A policy is a *scorer*. The cache (moe_env.cache.ExpertCacheState.route) is the only caller:
 
 - ``bind_cost_model(cost)`` once, by drivers that have a time model (simulator, env replays; not the live engine);
-- ``reset(spec, capacity)`` at the start of every sequence (caches start empty);
+- ``reset(spec, capacity)`` whenever the cache starts empty: its PERSISTENT state (every sequence when cold,
+  once per request stream when warm); ``capacity`` is the most slots any one layer can hold;
+- ``begin_sequence(cache)`` at the start of every sequence, warm or cold, after any reset: PER-SEQUENCE state;
 - ``observe(event, cache)`` once per routed layer, before that layer's experts are acquired;
 - ``eviction_scores(layer, candidates, cache)`` when a slot must be freed: one score per candidate, the LOWEST
   is evicted; ties go to the least recently used, then to the lowest expert id. Candidates never include an
-  expert that the current layer needs or one still in flight, so a policy cannot break the cache's invariants;
+  expert that the current layer needs or one still in flight, so a policy cannot break the cache's invariants.
+  In a shared pool (allocation ``shared``) the cache compares scores of different layers' candidates: only a
+  policy that declares ``ranks_across_layers = True`` may run there;
 - ``prefetch(event, cache)`` after the layer's experts are acquired: ``(layer, expert)`` pairs in priority order.
 
 Policies are found by name through the entry-point group ``moe_env.policies``; a spec is ``name`` or
@@ -67,6 +71,7 @@ class RouteEvent:
     lookahead_logits: np.ndarray | None = None
     prefill: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    bypass: bool = False  # a prefill group computed from copies that are not installed (prefill mode bypass)
 
 
 class OracleUnavailable(MoeEnvError):
@@ -82,7 +87,10 @@ class CacheView(Protocol):
 
     @property
     def clock(self) -> int:
-        """Number of expert accesses so far in this sequence (the recency clock)."""
+        """Number of expert accesses since the cache was last empty (the recency clock; warm: across requests)."""
+
+    def layer_capacity(self, layer: int) -> int:
+        """The most experts of `layer` that can be resident at once (its pool's slots, at most all experts)."""
 
     def resident(self, layer: int) -> list[int]:
         """Experts of `layer` that occupy a slot (in flight included)."""
@@ -93,10 +101,10 @@ class CacheView(Protocol):
         """Experts of `layer` whose prefetch was issued and not yet consumed by that layer's acquire."""
 
     def last_use(self, layer: int) -> np.ndarray:
-        """[num_experts] clock of each expert's last access this sequence, -1 if never."""
+        """[num_experts] clock of each expert's last access since the cache was empty, -1 if never."""
 
     def use_count(self, layer: int) -> np.ndarray:
-        """[num_experts] accesses this sequence, counted also while the expert is not resident."""
+        """[num_experts] accesses since the cache was empty, counted also while the expert is not resident."""
 
     def loaded_at(self, layer: int) -> np.ndarray:
         """[num_experts] clock at which each resident expert was loaded, -1 if not resident."""
@@ -115,11 +123,19 @@ class Policy:
     needs_future: bool = False
     #: True for policies that only prefetch; --policy rejects them, --prefetch expects them.
     prefetch_only: bool = False
+    #: True when eviction scores of different layers are comparable (one clock or one scale for all layers), so
+    #: the policy can pick a victim in a pool shared by every layer.
+    ranks_across_layers: bool = False
     name: str = "policy"
 
     def reset(self, spec: ModelSpec, capacity: int) -> None:
+        """Clear the persistent state: the cache is empty."""
         self.spec = spec
         self.capacity = capacity
+
+    def begin_sequence(self, cache: CacheView) -> None:
+        """A new sequence starts (the cache may be warm from earlier ones): clear the per-sequence state."""
+        return None
 
     def bind_cost_model(self, cost: Any) -> None:
         """Told the driver's cost model (a ``moe_env.costmodel.CostModel``) before ``reset`` by drivers that have
@@ -147,11 +163,16 @@ class CombinedPolicy(Policy):
         self.prefetcher = prefetcher
         self.name = f"{evict.name}+{prefetcher.name}"
         self.needs_future = evict.needs_future or prefetcher.needs_future
+        self.ranks_across_layers = evict.ranks_across_layers
 
     def reset(self, spec: ModelSpec, capacity: int) -> None:
         super().reset(spec, capacity)
         self.evict.reset(spec, capacity)
         self.prefetcher.reset(spec, capacity)
+
+    def begin_sequence(self, cache: CacheView) -> None:
+        self.evict.begin_sequence(cache)
+        self.prefetcher.begin_sequence(cache)
 
     def bind_cost_model(self, cost: Any) -> None:
         self.evict.bind_cost_model(cost)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -42,12 +43,19 @@ def _last(rows: np.ndarray | None) -> np.ndarray | None:
     return None if rows is None else rows[-1]
 
 
-def route_events(routing: LayerRouting, capacity: int) -> Iterator[RouteEvent]:
+class PrefillLayout(Protocol):
+    """How a prefill layer's expert union is grouped (moe_env.cache.ExpertCacheState.prefill_groups)."""
+
+    def prefill_groups(self, layer: int, experts: list[int]) -> tuple[list[tuple[int, ...]], bool]: ...
+
+
+def route_events(routing: LayerRouting, capacity: int | PrefillLayout) -> Iterator[RouteEvent]:
     """RouteEvents for one layer's forward pass.
 
     Decode (one token): one event with the experts in router order. Prefill: the union of the prompt's experts in
-    ascending order, split into groups of at most `capacity` (each group is acquired, computed, then released),
-    with the last prompt token's logits as the signal.
+    ascending order, split into groups as `capacity` (the cache) says: groups of at most the layer's slots (each
+    acquired, computed, then released), or one group that bypasses the cache; an int is a uniform chunk size.
+    The last prompt token's logits are the signal.
     """
     experts = np.asarray(routing.experts)
     if not routing.prefill and experts.shape[0] == 1:
@@ -61,7 +69,11 @@ def route_events(routing: LayerRouting, capacity: int) -> Iterator[RouteEvent]:
         )
         return
     union = sorted({int(e) for e in experts.reshape(-1)})
-    for group in chunk_experts(union, capacity):
+    if isinstance(capacity, int):
+        groups, bypass = chunk_experts(union, capacity), False
+    else:
+        groups, bypass = capacity.prefill_groups(routing.layer, union)
+    for group in groups:
         yield RouteEvent(
             step=routing.step,
             layer=routing.layer,
@@ -69,4 +81,5 @@ def route_events(routing: LayerRouting, capacity: int) -> Iterator[RouteEvent]:
             gate_logits=_last(routing.gate_logits),
             lookahead_logits=_last(routing.lookahead_logits),
             prefill=routing.prefill,
+            bypass=bypass,
         )

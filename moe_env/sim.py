@@ -24,7 +24,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from moe_env.cache import Counters, ExpertCacheState, Plan
+from moe_env.allocation import Allocation
+from moe_env.cache import FIRST_TOKENS, Counters, ExpertCacheState, Plan
 from moe_env.costmodel import (
     AS_RECORDED,
     DEFAULT_PROFILE,
@@ -35,34 +36,43 @@ from moe_env.costmodel import (
 )
 from moe_env.errors import UsageError
 from moe_env.policy import ModelSpec, Policy, build_policy
-from moe_env.routing import LayerRouting, route_events
-from moe_env.sim_kernels import KERNELS, Kernel, layer_events
+from moe_env.routing import LayerRouting, PrefillLayout, route_events
+from moe_env.sim_kernels import KERNELS, SHARED_KERNELS, Events, Segment, layer_events, stream_events
 from moe_env.trace import SequenceTrace, Trace, TraceMeta
 
 
 class TraceOracle:
-    """The future of one sequence, in the clock numbering of ExpertCacheState (one tick per access, route order).
+    """The future of one request stream (one sequence when cold, all of them when warm), in the clock numbering
+    of ExpertCacheState (one tick per access, route order, not restarted between requests of a warm stream).
 
-    Built by walking the exact RouteEvents the replay will route (prefill chunking depends on `capacity`).
+    Built by walking the exact RouteEvents the replay will route (prefill grouping depends on the cache's
+    layout: `capacity` is a chunk size or the cache itself). ``future_experts`` reads the current sequence
+    (``set_sequence``).
     """
 
-    def __init__(self, sequence: SequenceTrace, num_layers: int, num_experts: int, capacity: int):
+    def __init__(
+        self,
+        sequence: SequenceTrace | Sequence[SequenceTrace],
+        num_layers: int,
+        num_experts: int,
+        capacity: int | PrefillLayout,
+    ):
+        sequences = [sequence] if isinstance(sequence, SequenceTrace) else list(sequence)
         layers: list[np.ndarray] = []
         experts: list[np.ndarray] = []
-        clock = 0
-        if sequence.prefill_experts is not None and len(sequence.prefill_experts):
-            for routing in sequence.routings():
-                if not routing.prefill:
-                    break
-                for event in route_events(routing, capacity):
-                    layers.append(np.full(len(event.experts), event.layer))
-                    experts.append(np.asarray(event.experts))
-                    clock += len(event.experts)
-        # decode: one event per present cell, step-major then layer, k accesses each (SequenceTrace.routings order)
-        cells = sequence.experts
-        present = cells[:, :, 0] >= 0
-        layers.append(np.repeat(np.nonzero(present)[1], cells.shape[2]))
-        experts.append(cells[present].reshape(-1))
+        for seq in sequences:
+            if seq.prefill_experts is not None and len(seq.prefill_experts):
+                for routing in seq.routings():
+                    if not routing.prefill:
+                        break
+                    for event in route_events(routing, capacity):
+                        layers.append(np.full(len(event.experts), event.layer))
+                        experts.append(np.asarray(event.experts))
+            # decode: one event per present cell, step-major then layer, k accesses each (SequenceTrace.routings)
+            cells = seq.experts
+            present = cells[:, :, 0] >= 0
+            layers.append(np.repeat(np.nonzero(present)[1], cells.shape[2]))
+            experts.append(cells[present].reshape(-1))
         all_layers = np.concatenate(layers).astype(np.int64)
         all_experts = np.concatenate(experts).astype(np.int64)
         clocks = np.arange(1, len(all_layers) + 1)  # the cache ticks once per access, first access = 1
@@ -74,8 +84,13 @@ class TraceOracle:
             [ordered[bounds[key] : bounds[key + 1]] for key in range(layer * num_experts, (layer + 1) * num_experts)]
             for layer in range(num_layers)
         ]
-        self._experts = sequence.experts
-        self._num_steps, self._num_layers = sequence.experts.shape[0], sequence.experts.shape[1]
+        self._sequences = sequences
+        self.set_sequence(0)
+
+    def set_sequence(self, index: int) -> None:
+        """The request whose decode steps ``future_experts`` reads."""
+        self._experts = self._sequences[index].experts
+        self._num_steps, self._num_layers = self._experts.shape[0], self._experts.shape[1]
 
     def next_use(self, layer: int, expert: int, clock: int) -> float:
         """Accesses from `clock` until the next access of (layer, expert); inf if it is never used again."""
@@ -116,7 +131,7 @@ class SimResult:
     """
 
     policy: str
-    capacity: int
+    capacity: int  # the most slots one layer can hold
     profile: str
     hits: int
     misses: int
@@ -136,6 +151,12 @@ class SimResult:
     decode_time_s: float
     stall_s_per_token: float
     tokens_per_s: float
+    allocation: str = "uniform"
+    total_slots: int = 0  # slots in all layers together (the budget)
+    warm: bool = False
+    prefill: str = "chunked"
+    first_hit_rate: float = 0.0  # decode hit rate of the first FIRST_TOKENS steps of each sequence
+    bypass_loads: int = 0
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -170,7 +191,15 @@ def cost_model_for(meta: TraceMeta, profile: str | CostModel | None) -> CostMode
     return resolve_profile(spec, recorded)
 
 
-def check_capacity(meta: TraceMeta, capacity: int) -> None:
+def check_capacity(meta: TraceMeta, capacity: int | Allocation) -> None:
+    if isinstance(capacity, Allocation):
+        if (capacity.num_layers, capacity.num_experts) != (meta.num_layers, meta.num_experts):
+            raise UsageError(
+                f"cache allocation for {capacity.num_layers} layers x {capacity.num_experts} experts, trace has "
+                f"{meta.num_layers} x {meta.num_experts}"
+            )
+        capacity.check(meta.top_k)
+        return
     if not meta.top_k <= capacity <= meta.num_experts:
         raise UsageError(
             f"cache slots {capacity} outside {meta.top_k}..{meta.num_experts} "
@@ -182,21 +211,33 @@ class Replayer:
     """Stepwise replay: ``begin_sequence(seq)``, ``process(routing)`` per LayerRouting, ``finish() -> SimResult``.
 
     ``cache`` (ExpertCacheState) is public and read-only for callers: it is the CacheView policies see. The
-    oracle is built per sequence when the policy needs the future or ``with_oracle`` is set.
+    oracle is built per sequence when the policy needs the future or ``with_oracle`` is set; with ``warm`` the
+    cache is kept between sequences (one request stream) and the oracle spans the stream given to
+    ``begin_stream``. ``capacity``: slots per layer or an Allocation; ``prefill``: "chunked" or "bypass".
     """
 
     def __init__(
-        self, meta: TraceMeta, policy: Policy, capacity: int, cost: CostModel, with_oracle: bool = False
+        self,
+        meta: TraceMeta,
+        policy: Policy,
+        capacity: int | Allocation,
+        cost: CostModel,
+        with_oracle: bool = False,
+        prefill: str = "chunked",
+        warm: bool = False,
     ) -> None:
         check_capacity(meta, capacity)
         self.meta = meta
         self.spec = model_spec(meta, cost.expert_bytes)
         self.cost = cost
         self.policy = policy
-        self.capacity = capacity
         self.with_oracle = with_oracle or policy.needs_future
+        self.warm = warm
         policy.bind_cost_model(cost)
-        self.cache = ExpertCacheState(self.spec, capacity, policy)
+        self.cache = ExpertCacheState(self.spec, capacity, policy, prefill=prefill)
+        self.capacity = self.cache.capacity
+        self._stream: list[SequenceTrace] | None = None
+        self._stream_oracle: TraceOracle | None = None
         self._copy_s = cost.copy_s
         self._expert_s = cost.expert_compute_s
         self._layer_s = cost.layer_compute_s
@@ -212,16 +253,34 @@ class Replayer:
         self._ready = [[0.0] * self.meta.num_experts for _ in range(self.meta.num_layers)]  # copy landed at
         self._last_step = -2
 
+    def begin_stream(self, sequences: Sequence[SequenceTrace]) -> None:
+        """Warm replay: the sequences that will follow, in order (the oracle's future spans all of them)."""
+        self._stream = list(sequences)
+        self._stream_oracle = None
+
     def begin_sequence(self, sequence: SequenceTrace | None = None) -> None:
-        """Empty the cache and reset the policy; the oracle (when needed) is built from `sequence`."""
+        """Start a request: cold, empty the cache and reset the policy; warm, keep both. The oracle (when needed)
+        is built from `sequence` (cold) or from the stream given to begin_stream (warm)."""
         oracle = None
         if self.with_oracle:
             if sequence is None:
                 raise UsageError(f"policy {self.policy.name!r} reads the future: pass the sequence to replay")
-            oracle = TraceOracle(sequence, self.meta.num_layers, self.meta.num_experts, self.capacity)
+            if self.warm:
+                oracle = self._warm_oracle(sequence)
+            else:
+                oracle = TraceOracle(sequence, self.meta.num_layers, self.meta.num_experts, self.cache)
+        self.cache.begin_sequence(warm=self.warm)
         self.cache.oracle = oracle
-        self.cache.begin_sequence()
         self._begin_timeline()
+
+    def _warm_oracle(self, sequence: SequenceTrace) -> TraceOracle:
+        stream = self._stream
+        if stream is None or not any(seq is sequence for seq in stream):
+            raise UsageError("a warm replay that reads the future needs begin_stream(sequences) first")
+        if self._stream_oracle is None:
+            self._stream_oracle = TraceOracle(stream, self.meta.num_layers, self.meta.num_experts, self.cache)
+        self._stream_oracle.set_sequence(next(i for i, seq in enumerate(stream) if seq is sequence))
+        return self._stream_oracle
 
     @property
     def link_backlog_s(self) -> float:
@@ -240,7 +299,7 @@ class Replayer:
         plans = []
         ready = self._ready
         copy_s, expert_s = self._copy_s, self._expert_s
-        for event in route_events(routing, self.capacity):
+        for event in route_events(routing, self.cache):
             plan = self.cache.route(event)
             plans.append(plan)
             link = self._link_free
@@ -250,6 +309,10 @@ class Replayer:
             for load in plan.prefetches:
                 link = max(link, t) + copy_s
                 ready[load.layer][load.expert] = link
+            self._link_free = link
+            for expert in plan.bypass:  # streamed for this layer only, not installed: ready when copied
+                link = max(link, t) + copy_s
+                ready[event.layer][expert] = link
             self._link_free = link
             issued += len(plan.prefetches)
             layer_ready = ready[event.layer]
@@ -286,29 +349,36 @@ class Replayer:
         self.cache.finish()
         return _result(
             self.policy.name,
-            self.capacity,
+            self.cache,
             self.cost.name,
             self.cache.counters,
             self._decode_tokens,
             self._stall_s,
             self._prefill_stall_s,
             self._decode_time_s,
+            self.warm,
         )
 
 
 def _result(
     policy: str,
-    capacity: int,
+    cache: ExpertCacheState | Allocation,
     profile: str,
     c: Counters,
     tokens: int,
     stall_s: float,
     prefill_stall_s: float,
     decode_time_s: float,
+    warm: bool,
+    prefill: str = "chunked",
 ) -> SimResult:
+    if isinstance(cache, ExpertCacheState):
+        allocation, prefill = cache.allocation, cache.prefill
+    else:
+        allocation = cache
     return SimResult(
         policy=policy,
-        capacity=capacity,
+        capacity=max(allocation.layer_slots(layer) for layer in range(allocation.num_layers)),
         profile=profile,
         hits=c.hits,
         misses=c.misses,
@@ -328,28 +398,39 @@ def _result(
         decode_time_s=decode_time_s,
         stall_s_per_token=stall_s / tokens if tokens else 0.0,
         tokens_per_s=tokens / decode_time_s if decode_time_s > 0 else 0.0,
+        allocation=allocation.describe(),
+        total_slots=allocation.total_slots,
+        warm=warm,
+        prefill=prefill,
+        first_hit_rate=c.first_hit_rate,
+        bypass_loads=c.bypass_loads,
     )
 
 
 def simulate(
     trace: Trace,
     policy: str | Policy,
-    capacity: int,
+    capacity: int | Allocation,
     profile: str | CostModel | None = None,
     prefetch: str | Policy | None = None,
     fast: bool = True,
+    prefill: str = "chunked",
+    warm: bool = False,
 ) -> SimResult:
-    """Replay every sequence of `trace` through `policy` (+ `prefetch`) with `capacity` slots per layer.
+    """Replay `trace` through `policy` (+ `prefetch`) with `capacity` slots per layer (or an Allocation); cold:
+    every sequence starts empty; warm: the sequences are one request stream through one cache.
 
-    Demand-only runs of the built-in lru/lfu/fifo/belady take moe_env.sim_kernels' exact fast path unless
-    ``fast=False``; everything else goes through Replayer (ExpertCacheState.route).
+    Demand-only, chunked-prefill runs of the built-in lru/lfu/fifo/belady take moe_env.sim_kernels' exact fast
+    path unless ``fast=False``; everything else goes through Replayer (ExpertCacheState.route).
     """
     cost = cost_model_for(trace.meta, profile)
     built = build_policy(policy, prefetch)
     kernel = type(built).__dict__.get("replay_kernel")  # declared by the class itself, never inherited
-    if fast and kernel in KERNELS:
-        return _fast_simulate(trace, built, KERNELS[kernel], capacity, cost)
-    replayer = Replayer(trace.meta, built, capacity, cost)
+    if fast and kernel in KERNELS and prefill == "chunked":
+        return _fast_simulate(trace, built, kernel, capacity, cost, warm)
+    replayer = Replayer(trace.meta, built, capacity, cost, prefill=prefill, warm=warm)
+    if warm:
+        replayer.begin_stream(trace.sequences)
     for sequence in trace.sequences:
         replayer.begin_sequence(sequence)
         for routing in sequence.routings():
@@ -372,38 +453,95 @@ def event_time(hits: Sequence[int], copy_s: float, expert_s: float) -> tuple[flo
     return stall, t
 
 
-def _fast_simulate(trace: Trace, policy: Policy, kernel: Kernel, capacity: int, cost: CostModel) -> SimResult:
+def _fast_simulate(
+    trace: Trace, policy: Policy, kernel_name: str, capacity: int | Allocation, cost: CostModel, warm: bool
+) -> SimResult:
     meta = trace.meta
     check_capacity(meta, capacity)
+    if isinstance(capacity, Allocation):
+        allocation = capacity
+    else:
+        allocation = Allocation.uniform(meta.num_layers, meta.num_experts, capacity)
+    if allocation.shared and not policy.ranks_across_layers:
+        raise UsageError(
+            f"policy {policy.name!r} does not rank victims across layers: use allocation uniform or profile"
+        )
     k, copy_s, expert_s, layer_s = meta.top_k, cost.copy_s, cost.expert_compute_s, cost.layer_compute_s
     weights = 1 << np.arange(k)
     patterns = [event_time([(code >> j) & 1 for j in range(k)], copy_s, expert_s) for code in range(1 << k)]
     pattern_stall, pattern_time = (np.array(x) for x in zip(*patterns, strict=True))
-    hits = misses = prefill_hits = prefill_misses = evictions = tokens = cells = 0
-    stall = prefill_stall = decode_time = 0.0
+    tally = _Tally()
+    tokens = cells = 0
     for sequence in trace.sequences:
         present = sequence.experts[:, :, 0] >= 0
         tokens += int(present.any(axis=1).sum())
         cells += int(present.sum())
-        for layer in range(meta.num_layers):
-            prefill, decode = layer_events(sequence, layer, capacity)
+    # independent caches: one per layer (per-layer pools) or one for all layers (shared); cold: per sequence too
+    groups = [[seq] for seq in trace.sequences] if not warm else [trace.sequences]
+    for sequences in groups:
+        if allocation.shared:
+            events, segments = stream_events(sequences, allocation, FIRST_TOKENS)
             flags = bytearray()
-            evictions += kernel(prefill + decode, capacity, meta.num_experts, flags)
-            at = 0
-            for event in prefill:  # variable sizes: timed one by one
+            tally.evictions += SHARED_KERNELS[kernel_name](
+                events, allocation.total_slots, meta.num_layers * meta.num_experts, flags
+            )
+            tally.add(events, flags, segments, k, copy_s, expert_s)
+            continue
+        for layer in range(meta.num_layers):
+            slots = allocation.layer_slots(layer)
+            events, segments = [], []
+            for seq in sequences:
+                prefill, decode = layer_events(seq, layer, slots)
+                segments.append((len(prefill), len(decode), int((seq.experts[:FIRST_TOKENS, layer, 0] >= 0).sum())))
+                events += prefill + decode
+            flags = bytearray()
+            tally.evictions += KERNELS[kernel_name](events, slots, meta.num_experts, flags)
+            tally.add(events, flags, segments, k, copy_s, expert_s)
+    decode_flags = np.frombuffer(bytes(tally.decode_flags), dtype=np.uint8).reshape(-1, k)
+    counts = np.bincount(decode_flags @ weights, minlength=1 << k)
+    stall = float(counts @ pattern_stall)
+    decode_time = float(counts @ pattern_time) + cells * layer_s
+    hits = int(decode_flags.sum())
+    counters = Counters(
+        hits, decode_flags.size - hits, tally.prefill_hits, tally.prefill_misses, 0, 0, 0, tally.evictions
+    )
+    counters.first_hits, counters.first_misses = tally.first_hits, tally.first_misses
+    counters.bytes_moved = (counters.misses + counters.prefill_misses) * cost.expert_bytes
+    return _result(policy.name, allocation, cost.name, counters, tokens, stall, tally.prefill_stall, decode_time, warm)
+
+
+class _Tally:
+    """Hit flags of a fast replay, split into prefill (timed one event at a time) and decode (by pattern)."""
+
+    def __init__(self) -> None:
+        self.decode_flags = bytearray()
+        self.prefill_hits = self.prefill_misses = self.first_hits = self.first_misses = self.evictions = 0
+        self.prefill_stall = 0.0
+
+    def _prefill(self, event_flags: bytes | bytearray, copy_s: float, expert_s: float) -> None:
+        self.prefill_stall += event_time(event_flags, copy_s, expert_s)[0]
+        hit = sum(event_flags)
+        self.prefill_hits += hit
+        self.prefill_misses += len(event_flags) - hit
+
+    def _first(self, event_flags: bytes | bytearray) -> None:
+        hit = sum(event_flags)
+        self.first_hits += hit
+        self.first_misses += len(event_flags) - hit
+
+    def add(self, events: Events, flags: bytearray, segments: list[Segment], k: int, copy_s: float, expert_s: float):
+        """Flags of `events`: per sequence, its prefill events, then its decode events (k accesses each)."""
+        at = index = 0
+        for n_prefill, n_decode, n_first in segments:
+            for event in events[index : index + n_prefill]:
                 event_flags = flags[at : at + len(event)]
+                self.prefill_stall += event_time(event_flags, copy_s, expert_s)[0]
+                self.prefill_hits += sum(event_flags)
+                self.prefill_misses += len(event) - sum(event_flags)
                 at += len(event)
-                prefill_stall += event_time(event_flags, copy_s, expert_s)[0]
-                prefill_hits += sum(event_flags)
-                prefill_misses += len(event) - sum(event_flags)
-            decode_flags = np.frombuffer(bytes(flags[at:]), dtype=np.uint8).reshape(-1, k)
-            counts = np.bincount(decode_flags @ weights, minlength=1 << k)
-            stall += float(counts @ pattern_stall)
-            decode_time += float(counts @ pattern_time)
-            layer_hits = int(decode_flags.sum())
-            hits += layer_hits
-            misses += decode_flags.size - layer_hits
-    decode_time += cells * layer_s
-    counters = Counters(hits, misses, prefill_hits, prefill_misses, 0, 0, 0, evictions)
-    counters.bytes_moved = (misses + prefill_misses) * cost.expert_bytes
-    return _result(policy.name, capacity, cost.name, counters, tokens, stall, prefill_stall, decode_time)
+            index += n_prefill + n_decode
+            first = flags[at : at + n_first * k]
+            self.first_hits += sum(first)
+            self.first_misses += len(first) - sum(first)
+            self.decode_flags += flags[at : at + n_decode * k]
+            at += n_decode * k

@@ -14,15 +14,18 @@ against the general path on real routing.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import heapq
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from moe_env.allocation import Allocation
 from moe_env.cache import chunk_experts
 from moe_env.trace import SequenceTrace
 
 Events = list[list[int]]
 Kernel = Callable[[Events, int, int, bytearray], int]  # (events, capacity, num_experts, hit flags out) -> evictions
+Segment = tuple[int, int, int]  # per sequence: (prefill events, decode events, decode events of the first steps)
 
 
 def layer_events(sequence: SequenceTrace, layer: int, capacity: int) -> tuple[Events, Events]:
@@ -34,6 +37,109 @@ def layer_events(sequence: SequenceTrace, layer: int, capacity: int) -> tuple[Ev
     rows = sequence.experts[:, layer]
     decode = rows[rows[:, 0] >= 0].tolist()
     return prefill, decode
+
+
+def stream_events(
+    sequences: Sequence[SequenceTrace], allocation: Allocation, first_steps: int
+) -> tuple[Events, list[Segment]]:
+    """Every layer's events as one stream of keys layer * E + expert, in route order (a shared pool's view):
+    per sequence, prefill layer by layer (chunked to the layer's slots), then decode step by step."""
+    events: Events = []
+    segments: list[Segment] = []
+    for seq in sequences:
+        num_layers, num_experts = seq.experts.shape[1], allocation.num_experts
+        n_prefill = 0
+        if seq.prefill_experts is not None and len(seq.prefill_experts):
+            for layer in range(num_layers):
+                union = sorted({int(e) for e in np.asarray(seq.prefill_experts[:, layer]).reshape(-1)})
+                base = layer * num_experts
+                for group in chunk_experts(union, allocation.layer_slots(layer)):
+                    events.append([base + e for e in group])
+                    n_prefill += 1
+        present = seq.experts[:, :, 0] >= 0
+        keys = seq.experts + (np.arange(num_layers) * num_experts)[None, :, None]
+        decode = keys[present].tolist()  # step-major, then layer: SequenceTrace.routings order
+        events += decode
+        segments.append((n_prefill, len(decode), int(present[:first_steps].sum())))
+    return events, segments
+
+
+def _heap_kernel(events: Events, capacity: int, num_keys: int, hits: bytearray, rank: Callable) -> int:
+    """A large pool (a shared one holds hundreds of slots): the lowest `rank(key, clock, index)` is evicted,
+    found through a heap with stale entries skipped, as the per-layer kernels' linear scans would find it."""
+    current = [0] * num_keys  # the rank each resident was last pushed with
+    resident = bytearray(num_keys)
+    heap: list[tuple[int, int]] = []
+    count = evictions = clock = 0
+    for event in events:
+        for key in event:
+            clock += 1
+            if resident[key]:
+                hits.append(1)
+            else:
+                if count >= capacity:
+                    aside = []
+                    while True:
+                        value, victim = heapq.heappop(heap)
+                        if not resident[victim] or current[victim] != value:
+                            continue  # stale
+                        if victim in event:
+                            aside.append((value, victim))
+                            continue
+                        break
+                    for item in aside:
+                        heapq.heappush(heap, item)
+                    resident[victim] = 0
+                    count -= 1
+                    evictions += 1
+                resident[key] = 1
+                count += 1
+                hits.append(0)
+            value = rank(key, clock, clock - 1)
+            if value != current[key] or not hits[-1]:
+                current[key] = value
+                heapq.heappush(heap, (value, key))
+    return evictions
+
+
+def shared_lru(events: Events, capacity: int, num_keys: int, hits: bytearray) -> int:
+    return _heap_kernel(events, capacity, num_keys, hits, lambda key, clock, index: clock)
+
+
+def shared_fifo(events: Events, capacity: int, num_keys: int, hits: bytearray) -> int:
+    loaded: dict[int, int] = {}
+
+    def rank(key: int, clock: int, index: int) -> int:
+        if not hits[-1]:
+            loaded[key] = clock
+        return loaded[key]
+
+    return _heap_kernel(events, capacity, num_keys, hits, rank)
+
+
+def shared_lfu(events: Events, capacity: int, num_keys: int, hits: bytearray) -> int:
+    stride = 1 + sum(len(e) for e in events)
+    uses = [0] * num_keys
+
+    def rank(key: int, clock: int, index: int) -> int:
+        uses[key] += 1
+        return uses[key] * stride + clock
+
+    return _heap_kernel(events, capacity, num_keys, hits, rank)
+
+
+def shared_belady(events: Events, capacity: int, num_keys: int, hits: bytearray) -> int:
+    flat = [key for event in events for key in event]
+    never = len(flat) + 1
+    following = [never] * len(flat)
+    seen = [never] * num_keys
+    for i in range(len(flat) - 1, -1, -1):
+        following[i] = seen[flat[i]]
+        seen[flat[i]] = i
+    stride = never + 1
+    return _heap_kernel(
+        events, capacity, num_keys, hits, lambda key, clock, index: -(following[index] * stride - index)
+    )
 
 
 def lru_kernel(events: Events, capacity: int, num_experts: int, hits: bytearray) -> int:
@@ -136,3 +242,4 @@ def belady_kernel(events: Events, capacity: int, num_experts: int, hits: bytearr
 
 
 KERNELS: dict[str, Kernel] = {"lru": lru_kernel, "fifo": fifo_kernel, "lfu": lfu_kernel, "belady": belady_kernel}
+SHARED_KERNELS: dict[str, Kernel] = {"lru": shared_lru, "fifo": shared_fifo, "lfu": shared_lfu, "belady": shared_belady}

@@ -13,6 +13,7 @@ from moe_env.policy import CacheView, Policy
 
 class BeladyPolicy(Policy):
     name = "belady"
+    ranks_across_layers = True  # accesses until the next use, on the one cache clock
     replay_kernel = "belady"  # moe_env.sim_kernels reproduces this scorer exactly (demand-only runs)
     needs_future = True
 

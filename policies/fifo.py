@@ -9,6 +9,7 @@ from moe_env.policy import CacheView, Policy
 
 class FIFOPolicy(Policy):
     name = "fifo"
+    ranks_across_layers = True  # load time on the cache clock
     replay_kernel = "fifo"  # moe_env.sim_kernels reproduces this scorer exactly (demand-only runs)
 
     def eviction_scores(self, layer: int, candidates: np.ndarray, cache: CacheView) -> np.ndarray:

@@ -13,6 +13,7 @@ from moe_env.policy import CacheView, Policy
 
 class LFUPolicy(Policy):
     name = "lfu"
+    ranks_across_layers = True  # use counts: every layer is accessed top-k times per token
     replay_kernel = "lfu"  # moe_env.sim_kernels reproduces this scorer exactly (demand-only runs)
 
     def eviction_scores(self, layer: int, candidates: np.ndarray, cache: CacheView) -> np.ndarray:

@@ -19,6 +19,7 @@ from moe_env.policy import CacheView, ModelSpec, Policy, RouteEvent
 
 class LFUDecayPolicy(Policy):
     name = "lfu-decay"
+    ranks_across_layers = True  # per-layer decay, but every layer is accessed top-k times per token
 
     def __init__(self, decay: float = 0.9):
         decay = float(decay)

@@ -29,7 +29,7 @@ class LFUDAPolicy(Policy):
         layer = event.layer
         last_use, loaded_at = cache.last_use(layer), cache.loaded_at(layer)
         uses, key = self._uses[layer], self._key[layer]
-        free = self.capacity - len(cache.resident(layer))
+        free = cache.layer_capacity(layer) - len(cache.resident(layer))
         awaiting = self._awaiting[layer]
         awaiting.clear()
         for expert in event.experts:

@@ -9,6 +9,7 @@ from moe_env.policy import CacheView, Policy
 
 class LRUPolicy(Policy):
     name = "lru"
+    ranks_across_layers = True  # last use on the cache clock, one clock for all layers
     replay_kernel = "lru"  # moe_env.sim_kernels reproduces this scorer exactly (demand-only runs)
 
     def eviction_scores(self, layer: int, candidates: np.ndarray, cache: CacheView) -> np.ndarray:

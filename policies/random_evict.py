@@ -9,6 +9,7 @@ from moe_env.policy import CacheView, Policy
 
 class RandomPolicy(Policy):
     name = "random"
+    ranks_across_layers = True  # random draws
 
     def __init__(self, seed: int = 0):
         self.seed = int(seed)

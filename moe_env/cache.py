@@ -83,6 +83,12 @@ class Plan:
     prefetches: list[Load] = field(default_factory=list)  # prefetch loads, queued after the demand loads
 
 
+def _read_only(array: np.ndarray) -> np.ndarray:
+    view = array.view()
+    view.flags.writeable = False
+    return view
+
+
 class _LayerPool:
     __slots__ = ("expert_in", "last_use", "loaded_at", "pending", "prefetched_unused", "slot_of", "use_count")
 
@@ -128,14 +134,15 @@ class ExpertCacheState:
     def in_flight(self, layer: int) -> list[int]:
         return sorted(self._pools[layer].pending)
 
+    # read-only views (O(1)): a plug-in that writes into them gets a ValueError instead of corrupting the cache
     def last_use(self, layer: int) -> np.ndarray:
-        return self._pools[layer].last_use
+        return _read_only(self._pools[layer].last_use)
 
     def use_count(self, layer: int) -> np.ndarray:
-        return self._pools[layer].use_count
+        return _read_only(self._pools[layer].use_count)
 
     def loaded_at(self, layer: int) -> np.ndarray:
-        return self._pools[layer].loaded_at
+        return _read_only(self._pools[layer].loaded_at)
 
     def next_use(self, layer: int, expert: int) -> float:
         if self.oracle is None:

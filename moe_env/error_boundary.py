@@ -50,7 +50,7 @@ def _sigint_watch() -> Iterator[list[bool]]:
     if threading.current_thread() is not threading.main_thread() or (
         signal.getsignal(signal.SIGINT) is not signal.default_int_handler
     ):
-        yield pressed  # someone else owns SIGINT: every KeyboardInterrupt counts as the user's
+        yield [True]  # someone else owns SIGINT: every KeyboardInterrupt counts as the user's
         return
 
     def on_sigint(signum: int, frame: object) -> None:

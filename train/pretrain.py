@@ -18,7 +18,9 @@ from moe_env.pretrain import TrainConfig, train
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="pretrain.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--config", required=True, help="JSON training config (see moe_env.pretrain.TrainConfig)")
     p.add_argument("--out", required=True, help="directory for the final HF model + tokenizer + train_meta.json")
     p.add_argument("--steps", type=int, help="override the number of training steps")

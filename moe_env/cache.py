@@ -110,6 +110,12 @@ class Plan:
     bypass: list[int] = field(default_factory=list)  # experts to compute from a copy that is not installed
 
 
+def _read_only(array: np.ndarray) -> np.ndarray:
+    view = array.view()
+    view.flags.writeable = False
+    return view
+
+
 class _Pool:
     """Slots shared by `layers`; a slot holds the key layer * E + expert (-1: free)."""
 
@@ -194,14 +200,15 @@ class ExpertCacheState:
     def in_flight(self, layer: int) -> list[int]:
         return sorted(self._pending[layer])
 
+    # read-only views (O(1)): a plug-in that writes into them gets a ValueError instead of corrupting the cache
     def last_use(self, layer: int) -> np.ndarray:
-        return self._last_use[layer]
+        return _read_only(self._last_use[layer])
 
     def use_count(self, layer: int) -> np.ndarray:
-        return self._use_count[layer]
+        return _read_only(self._use_count[layer])
 
     def loaded_at(self, layer: int) -> np.ndarray:
-        return self._loaded_at[layer]
+        return _read_only(self._loaded_at[layer])
 
     def next_use(self, layer: int, expert: int) -> float:
         if self.oracle is None:

@@ -6,7 +6,7 @@ import argparse
 import importlib
 import sys
 
-from moe_env.errors import MoeEnvError
+from moe_env.error_boundary import run_reporting_errors
 
 # name -> (module under moe_env.commands, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -37,14 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(f"moe_env.commands.{COMMANDS[name][0]}")
     module.add_arguments(subparsers[name])
     args = parser.parse_args(argv)
-    try:
-        return int(module.run(args) or 0)
-    except MoeEnvError as exc:
-        print(f"moe-env {name}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"moe-env {name}: interrupted", file=sys.stderr)
-        return 130
+    return run_reporting_errors(f"moe-env {name}", lambda: module.run(args))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import struct
 import tempfile
 import time
 import warnings
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
@@ -102,13 +104,14 @@ def greedy_decode(
 
 class OffloadEngine:
     def __init__(self, config: EngineConfig):
-        # Bad specs are reported before the (slow) model load.
+        # Bad specs (names, roles, argument values) are reported before the (slow) model load.
         link_by_name(config.link)
         check_policy_spec(config.policy)
-        check_policy_spec(config.prefetch)
+        check_policy_spec(config.prefetch, role="prefetch")
+        policy = build_policy(config.policy, config.prefetch)
         model, tokenizer, source_dir, experts = load_offloadable(config.model, config.dtype)
         try:
-            self._init(model, tokenizer, config, source_dir, experts)
+            self._init(model, tokenizer, config, source_dir, experts, policy)
         finally:
             if experts is not None:
                 experts.close()
@@ -127,13 +130,14 @@ class OffloadEngine:
         config: EngineConfig,
         source_dir: Path | None,
         experts: CheckpointExperts | None = None,
+        policy: Policy | None = None,
     ) -> None:
         self.config = config
         self.tokenizer = tokenizer
         self.device = _device(config.device)
         link = link_by_name(config.link)
         adapter = adapter_for(model)
-        policy = build_policy(config.policy, config.prefetch)
+        policy = policy or build_policy(config.policy, config.prefetch)
         if policy.needs_future:
             raise UsageError(f"policy {policy.name!r} reads the future and needs a trace: use moe-env bench")
         capacity = parse_slots(config.cache_slots, adapter)
@@ -203,6 +207,22 @@ class OffloadEngine:
             raise UsageError(f"prompt token ids must lie in 0..{vocab - 1}")
         return ids
 
+    @property
+    def max_positions(self) -> int | None:
+        """Positions the model was built for (config.max_position_embeddings); None when it declares none."""
+        value = getattr(self.model.config, "max_position_embeddings", None)
+        return int(value) if isinstance(value, int) and value > 0 else None
+
+    def check_context(self, prompt_ids: Sequence[int], max_new_tokens: int, where: str = "the prompt") -> None:
+        """UsageError if the prompt plus `max_new_tokens` exceed the model's positions (it would decode garbage)."""
+        limit = self.max_positions
+        if limit is not None and len(prompt_ids) + max_new_tokens > limit:
+            room = max(limit - len(prompt_ids), 0)
+            raise UsageError(
+                f"{where} ({len(prompt_ids)} tokens) + max new tokens ({max_new_tokens}) exceed the model's "
+                f"{limit} positions; shorten the prompt or lower the max new tokens to {room}"
+            )
+
     def generate(
         self,
         prompt: str | Sequence[int],
@@ -215,6 +235,7 @@ class OffloadEngine:
         if max_new_tokens < 1:
             raise UsageError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         prompt_ids = self.encode(prompt)
+        self.check_context(prompt_ids, max_new_tokens)
         for hook in self._starts:
             hook(prompt_ids)
         runtime = self.runtime
@@ -339,6 +360,15 @@ def _load_tokenizer(directory: Path):
         return None
 
 
+# what reading a damaged model directory raises: I/O errors, bad JSON, a truncated safetensors header or body
+_UNREADABLE = (OSError, ValueError, struct.error, SafetensorError)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
 def load_model(name: str, dtype: str | None) -> tuple[PreTrainedModel, object | None, Path]:
     """The whole model, experts included (the unmodified reference; OffloadEngine uses load_offloadable)."""
     directory, torch_dtype = _checked_model_dir(name, dtype)
@@ -348,8 +378,8 @@ def load_model(name: str, dtype: str | None) -> tuple[PreTrainedModel, object | 
         model = AutoModelForCausalLM.from_pretrained(
             directory, dtype=torch_dtype or "auto", experts_implementation="eager"
         )
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot load model from {directory}: {str(exc).splitlines()[0]}") from None
+    except _UNREADABLE as exc:
+        raise ModelError(f"cannot load model from {directory}: {_first_line(exc)}") from None
     finally:
         if bar_was_enabled:
             hf_logging.enable_progress_bar()
@@ -373,8 +403,8 @@ def load_offloadable(
         warnings.warn(f"{exc}; loading the whole model to pack its experts", stacklevel=2)
         model, tokenizer, directory = load_model(name, dtype)
         return model, tokenizer, directory, None
-    except (OSError, ValueError) as exc:  # unreadable files: the same one-line error as load_model's
-        raise ModelError(f"cannot load model from {directory}: {str(exc).splitlines()[0]}") from None
+    except _UNREADABLE as exc:  # unreadable or truncated files: the same one-line error as load_model's
+        raise ModelError(f"cannot load model from {directory}: {_first_line(exc)}; re-download or re-save it") from None
     return model, _load_tokenizer(directory), directory, experts
 
 

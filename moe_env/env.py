@@ -16,7 +16,7 @@ import numpy as np
 from gymnasium import spaces
 
 from moe_env.costmodel import CostModel
-from moe_env.errors import UsageError
+from moe_env.errors import InvalidArgument, UsageError
 from moe_env.policy import CacheView, ModelSpec, Policy, RouteEvent, make_policy
 from moe_env.routing import LayerRouting, route_events
 from moe_env.sim import Replayer, cost_model_for, simulate
@@ -261,7 +261,7 @@ class MoEOffloadEnv(gym.Env):
         meta = trace.meta
         self.trace = trace
         self.cost = cost_model_for(meta, profile)
-        self.capacity = capacity or default_capacity(meta.num_experts, meta.top_k)
+        self.capacity = checked_capacity(capacity, meta.num_experts, meta.top_k)
         self.reward_kind = reward
         self.reference_metrics = reference_metrics
         self.policy = ActionPolicy(make_policy(fallback))
@@ -346,8 +346,11 @@ class MoEOffloadEnv(gym.Env):
         return self.builder.observation(self.current_event, self.cache), self._info()
 
     def step(self, action):
+        if self._cursor >= len(self._decode):
+            raise gym.error.ResetNeeded("the episode has ended: call reset() before step()")
+        action = checked_action(action, self.model_spec.num_experts)
         routing, event = self._decode[self._cursor]
-        self.policy.set_scores((event.layer + 1) % self.model_spec.num_layers, np.asarray(action, dtype=np.float64))
+        self.policy.set_scores((event.layer + 1) % self.model_spec.num_layers, action)
         stall = self._process(routing)
         if self._shadow is not None:
             stall -= self._shadow.process(routing).stall_s
@@ -394,6 +397,35 @@ class EpisodeStats:
 def default_capacity(num_experts: int, top_k: int) -> int:
     """Half the experts of a layer (at least top-k): the regime where policies differ most."""
     return max(top_k, num_experts // 2)
+
+
+def checked_capacity(capacity: Any, num_experts: int, top_k: int) -> int:
+    """`capacity` as slots per layer (None: ``default_capacity``); anything else than an integer in
+    top_k..num_experts raises InvalidArgument (0 is refused, never replaced by the default)."""
+    if capacity is None:
+        return default_capacity(num_experts, top_k)
+    if isinstance(capacity, bool) or not isinstance(capacity, int | np.integer):
+        raise InvalidArgument(f"capacity must be an integer number of slots per layer, got {capacity!r}")
+    if not top_k <= capacity <= num_experts:
+        raise InvalidArgument(
+            f"capacity {capacity} outside {top_k}..{num_experts} slots per layer: a layer must hold its "
+            f"top-{top_k} experts at once"
+        )
+    return int(capacity)
+
+
+def checked_action(action: Any, num_experts: int) -> np.ndarray:
+    """The action as float64 scores, one per expert; wrong length, shape or dtype, NaN or inf raise
+    InvalidArgument (an agent's bug must not be clipped or broadcast into a silent decision)."""
+    array = np.asarray(action)
+    if array.dtype.kind not in "fiu":
+        raise InvalidArgument(f"action must hold real numbers, got dtype {array.dtype}")
+    if array.shape != (num_experts,):
+        raise InvalidArgument(f"action must have shape ({num_experts},), one score per expert, got {array.shape}")
+    array = array.astype(np.float64, copy=False)
+    if not np.isfinite(array).all():
+        raise InvalidArgument("action holds NaN or inf; scores must be finite (the action space is [-1, 1])")
+    return array
 
 
 def rollout(
@@ -450,8 +482,12 @@ class LiveMoEOffloadEnv(gym.Env):
             model, tokenizer, _ = load_model(model, None)
         else:
             tokenizer = None
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 2:
+            raise InvalidArgument(
+                f"max_new_tokens must be an integer >= 2 (one decision per token), got {max_new_tokens!r}"
+            )
         adapter = adapter_for(model)
-        capacity = capacity or default_capacity(adapter.num_experts, adapter.top_k)
+        capacity = checked_capacity(capacity, adapter.num_experts, adapter.top_k)
         self.policy = ActionPolicy(make_policy(fallback))
         self.engine = OffloadEngine.from_model(model, EngineConfig(cache_slots=capacity, policy=self.policy), tokenizer)
         self.engine.add_observer(self._observe)
@@ -463,6 +499,8 @@ class LiveMoEOffloadEnv(gym.Env):
             prompts = [p.text for p in load_prompts(prompts)]
         if not prompts:
             raise UsageError("the live env needs at least one prompt")
+        for i, prompt in enumerate(prompts):  # every prompt fits the model's context before any episode starts
+            self.engine.check_context(self.engine.encode(prompt), max_new_tokens, where=f"prompt {i}")
         self.prompts = list(prompts)
         self.max_new_tokens = max_new_tokens
         spec = self.model_spec
@@ -557,7 +595,9 @@ class LiveMoEOffloadEnv(gym.Env):
         return obs, self._info()
 
     def step(self, action):
-        self._to_engine.put(np.asarray(action, dtype=np.float64))
+        if self._worker is None:
+            raise gym.error.ResetNeeded("no episode is running: call reset() before step()")
+        self._to_engine.put(checked_action(action, self.model_spec.num_experts))
         kind, payload, event, stall = self._receive()
         info = self._info()
         if kind == "done":

@@ -19,3 +19,8 @@ class TraceFormatError(MoeEnvError):
 
 class CheckpointError(MoeEnvError):
     """A policy checkpoint that is corrupt or does not match the model."""
+
+
+class InvalidArgument(UsageError, ValueError):
+    """A bad value given through the Python API (env arguments, actions): a ValueError, as Python callers and
+    Gymnasium expect, and a UsageError, so the CLI still reports it as one line."""

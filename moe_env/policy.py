@@ -242,23 +242,91 @@ def _registered(name: str) -> Any:
     return registry[name]
 
 
-def check_policy_spec(spec: str | Policy | None) -> None:
-    """Fail fast on a malformed spec or an unknown name, without building the policy (no checkpoint loads)."""
-    if spec is None or isinstance(spec, Policy):
+def _what_it_raised(exc: BaseException) -> str:
+    if isinstance(exc, SystemExit):
+        return f"exited (SystemExit {exc.code!r})"
+    lines = str(exc).strip().splitlines()
+    return f"raised {type(exc).__name__}: {lines[0]}" if lines else f"raised {type(exc).__name__}"
+
+
+def _load_factory(name: str) -> Any:
+    """Import the plug-in `name`; whatever its import raises becomes a PolicySpecError naming it."""
+    entry = _registered(name)
+    try:
+        return entry.load()
+    except (Exception, SystemExit) as exc:
+        raise PolicySpecError(
+            f"policy plug-in {name!r} ({entry.value}) failed to import: {_what_it_raised(exc)}"
+        ) from None
+
+
+def _is_prefetch_only(spec: str | Policy) -> bool:
+    """Whether a spec names a prefetch-only plug-in; imports the plug-in but builds nothing (no checkpoint loads)."""
+    if isinstance(spec, Policy):
+        return spec.prefetch_only
+    factory = _load_factory(parse_policy_spec(spec)[0])
+    return bool(getattr(factory, "prefetch_only", False)) if isinstance(factory, type) else False
+
+
+def _is_none(spec: str | Policy | None) -> bool:
+    return spec is None or (isinstance(spec, str) and spec.strip() == "none")
+
+
+def check_policy_spec(spec: str | Policy | None, role: str = "policy") -> None:
+    """Fail fast on a malformed spec, an unknown name or a plug-in in the wrong role, without building the policy
+    (no checkpoint loads). `role` is "policy" (eviction) or "prefetch"."""
+    if role == "prefetch" and _is_none(spec):
         return
-    _registered(parse_policy_spec(spec)[0])
+    if spec is None:
+        return
+    if not isinstance(spec, Policy):
+        _registered(parse_policy_spec(spec)[0])
+    _check_role(spec, _is_prefetch_only(spec), role)
+
+
+def _check_role(spec: str | Policy, prefetch_only: bool, role: str) -> None:
+    name = spec.name if isinstance(spec, Policy) else spec.strip()
+    if role == "policy" and prefetch_only:
+        raise PolicySpecError(f"{name!r} is a prefetcher; pass it as --prefetch and give an eviction --policy")
+    if role == "prefetch" and not prefetch_only:
+        raise PolicySpecError(
+            f"{name!r} is not a prefetcher (it never prefetches as --prefetch); choose one of "
+            f"{', '.join(prefetcher_names()) or 'the installed prefetchers'}, or pass it as --policy"
+        )
+
+
+def prefetcher_names() -> list[str]:
+    """Names of the installed prefetch-only plug-ins (those that import cleanly)."""
+    names = []
+    for name, entry in sorted(available_policies().items()):
+        try:
+            factory = entry.load()
+        except (Exception, SystemExit):
+            continue
+        if isinstance(factory, type) and getattr(factory, "prefetch_only", False):
+            names.append(name)
+    return names
 
 
 def make_policy(spec: str | Policy) -> Policy:
-    """Build a policy from a spec string through the plug-in registry (or pass a Policy through)."""
+    """Build a policy from a spec string through the plug-in registry (or pass a Policy through).
+
+    Whatever the plug-in raises while it is imported or built (bad argument values included) becomes a
+    PolicySpecError naming the plug-in and what it raised: one line for the user, never a traceback."""
     if isinstance(spec, Policy):
         return spec
     name, args, kwargs = parse_policy_spec(spec)
-    factory = _registered(name).load()
+    factory = _load_factory(name)
     try:
         policy = factory(*args, **kwargs)
-    except TypeError as exc:
-        raise PolicySpecError(f"bad arguments for policy {name!r} in {spec!r}: {exc}") from None
+    except MoeEnvError:  # the plug-in's own one-line message already says what is wrong
+        raise
+    except (TypeError, ValueError) as exc:
+        raise PolicySpecError(f"bad arguments for policy {name!r} in {spec!r}: {_what_it_raised(exc)}") from None
+    except (Exception, SystemExit) as exc:
+        raise PolicySpecError(
+            f"policy plug-in {name!r} failed to build from {spec!r}: {_what_it_raised(exc)}"
+        ) from None
     if not isinstance(policy, Policy):
         raise PolicySpecError(f"plug-in {name!r} did not build a moe_env Policy (got {type(policy).__name__})")
     policy.name = spec.strip()
@@ -266,13 +334,15 @@ def make_policy(spec: str | Policy) -> Policy:
 
 
 def build_policy(policy: str | Policy, prefetch: str | Policy | None = None) -> Policy:
-    """The policy a driver runs: eviction policy, optionally combined with a separate prefetcher."""
+    """The policy a driver runs: eviction policy, optionally combined with a separate prefetcher (which must be a
+    prefetch-only plug-in: an eviction policy given as prefetcher would silently prefetch nothing)."""
     evict = make_policy(policy)
-    if evict.prefetch_only:
-        raise PolicySpecError(f"{evict.name!r} is a prefetcher; pass it as --prefetch and give an eviction --policy")
-    if prefetch is None or (isinstance(prefetch, str) and prefetch.strip() == "none"):
+    _check_role(evict, evict.prefetch_only, "policy")
+    if _is_none(prefetch):
         return evict
-    return CombinedPolicy(evict, make_policy(prefetch))
+    prefetcher = make_policy(prefetch)
+    _check_role(prefetcher, prefetcher.prefetch_only, "prefetch")
+    return CombinedPolicy(evict, prefetcher)
 
 
 def validate_scores(scores: Any, n: int, policy: Policy) -> np.ndarray:

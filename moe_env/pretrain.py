@@ -40,6 +40,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from moe_env.errors import UsageError
+from moe_env.outputs import check_writable_dir
 from moe_env.routing_stats import collect_selections, find_routers, routing_statistics
 
 EOS_TOKEN = "<|endoftext|>"
@@ -82,17 +84,88 @@ class TrainConfig:
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> TrainConfig:
-        data = json.loads(Path(path).read_text())
+        """Read and check a JSON config: a missing or unreadable file, invalid JSON, unknown or missing keys,
+        wrongly typed or out-of-range values raise UsageError naming the file and the field."""
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise UsageError(f"--config {path}: no such file") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"--config {path}: cannot read it ({getattr(exc, 'strerror', None) or exc})") from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"--config {path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        if not isinstance(data, dict):
+            raise UsageError(f"--config {path}: expected a JSON object of training settings")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
         if unknown:
-            raise ValueError(f"unknown keys in {path}: {sorted(unknown)}")
+            raise UsageError(f"--config {path}: unknown keys {sorted(unknown)}; known: {', '.join(sorted(known))}")
+        missing = [f.name for f in dataclasses.fields(cls) if f.name not in data and _required(f)]
+        if missing:
+            raise UsageError(f"--config {path}: missing required keys {missing}")
+        for name, value in data.items():
+            _check_field(name, value, f"--config {path}")
         if "betas" in data:
             data["betas"] = tuple(data["betas"])
-        return cls(**data)
+        config = cls(**data)
+        config.check(f"--config {path}")
+        return config
+
+    def check(self, where: str = "config") -> None:
+        """Value ranges that types alone do not catch (UsageError naming the field)."""
+        for name in _POSITIVE_INTS:
+            if getattr(self, name) < 1:
+                raise UsageError(f"{where}: {name} must be >= 1, got {getattr(self, name)}")
+        for name in _NON_NEGATIVE:
+            if getattr(self, name) < 0:
+                raise UsageError(f"{where}: {name} must be >= 0, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise UsageError(f"{where}: lr must be > 0, got {self.lr}")
+        if not (0 <= self.betas[0] < 1 and 0 <= self.betas[1] < 1):
+            raise UsageError(f"{where}: betas must be two numbers in [0, 1), got {list(self.betas)}")
+        for name in ("min_lr_ratio", "selection_bias_anneal"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise UsageError(f"{where}: {name} must be in [0, 1], got {getattr(self, name)}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+_POSITIVE_INTS = ("vocab_size", "seq_len", "batch_size", "steps", "val_every", "val_windows", "stats_files",
+                  "stats_tokens", "log_every", "ckpt_every", "num_threads")  # fmt: skip
+_NON_NEGATIVE = ("warmup_steps", "weight_decay", "grad_clip", "balance_coef", "z_loss_coef", "selection_bias_rate")
+# JSON types of each field (TrainConfig's annotations are strings under `from __future__ import annotations`)
+_FIELD_TYPES = {"name": str, "model_type": str, "model": dict, "experts_implementation": str, "betas": tuple,
+                "lr": float, "min_lr_ratio": float, "weight_decay": float, "grad_clip": float, "balance_coef": float,
+                "z_loss_coef": float, "selection_bias_rate": float, "selection_bias_anneal": float}  # fmt: skip
+
+
+def _required(f: dataclasses.Field) -> bool:
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_field(name: str, value: object, where: str) -> None:
+    kind = _FIELD_TYPES.get(name, int)
+    if kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        expected = "an integer"
+    elif kind is float:
+        ok, expected = _is_number(value), "a number"
+    elif kind is tuple:
+        ok = isinstance(value, list) and len(value) == 2 and all(_is_number(v) for v in value)
+        expected = "a list of two numbers"
+    elif kind is dict:
+        ok, expected = isinstance(value, dict), "a JSON object"
+    else:
+        ok, expected = isinstance(value, str) and bool(value), "a non-empty string"
+    if not ok:
+        raise UsageError(f"{where}: {name} must be {expected}, got {json.dumps(value)}")
 
 
 # --------------------------------------------------------------------------------------------------- corpus
@@ -305,6 +378,19 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _load_checkpoint(path: Path) -> dict:
+    """The training checkpoint, whole, or UsageError (a torn or foreign file is refused, never half-loaded)."""
+    try:
+        ck = torch.load(path, weights_only=False)
+    except Exception as exc:  # torch raises RuntimeError, pickle errors, EOFError... on a torn file
+        raise UsageError(f"--resume: {path} is not a readable checkpoint ({type(exc).__name__}); delete it") from None
+    needed = {"model", "optimizer", "selection_bias", "step", "elapsed", "rng"}
+    lacking = sorted(needed - set(ck)) if isinstance(ck, dict) else sorted(needed)
+    if lacking:
+        raise UsageError(f"--resume: {path} is not a pretrain checkpoint (it lacks {', '.join(lacking)})")
+    return ck
+
+
 def prepare_data(cfg: TrainConfig, run_dir: Path, log=print):
     """Corpus files, tokenizer (trained once, cached in run_dir/tokenizer) and token streams."""
     files = stdlib_files()
@@ -374,6 +460,15 @@ def train(
     ``stop_after``: checkpoint and return ``None`` once that many steps are done (simulates an interruption).
     """
     out_dir, run_dir = Path(out_dir), Path(run_dir)
+    cfg.check()
+    if stop_after is not None and stop_after < 1:
+        raise UsageError(f"stop_after must be >= 1, got {stop_after}")
+    ckpt_path = run_dir / "checkpoint.pt"
+    if resume and not ckpt_path.is_file():  # never a silent fresh start of a long run
+        raise UsageError(f"--resume: no checkpoint at {ckpt_path}; run without --resume to start from scratch")
+    check_writable_dir(out_dir, "--out")
+    check_writable_dir(run_dir, "--run-dir")
+    ck = _load_checkpoint(ckpt_path) if resume else None
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(cfg.num_threads)
     torch.use_deterministic_algorithms(True, warn_only=True)
@@ -402,9 +497,7 @@ def train(
     )
     gen = torch.Generator().manual_seed(cfg.seed)
     step, elapsed = 0, 0.0
-    ckpt_path = run_dir / "checkpoint.pt"
-    if resume and ckpt_path.exists():
-        ck = torch.load(ckpt_path, weights_only=False)
+    if ck is not None:
         model.load_state_dict(ck["model"], strict=False)
         opt.load_state_dict(ck["optimizer"])
         for r, b in zip(routers, ck["selection_bias"], strict=True):
@@ -415,8 +508,6 @@ def train(
         np.random.set_state(ck["rng"]["numpy"])
         random.setstate(ck["rng"]["python"])
         log(f"resumed from {ckpt_path} at step {step}")
-    elif resume:
-        log(f"no checkpoint at {ckpt_path}; starting from scratch")
 
     def save_checkpoint():
         _atomic_torch_save(

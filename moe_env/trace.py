@@ -204,6 +204,14 @@ def _check_sequence(seq: SequenceTrace, meta: TraceMeta, where: str) -> None:
         absent = experts < 0
         if (absent.any(axis=-1) != absent.all(axis=-1)).any():
             raise TraceFormatError(f"{where}: {name} has partly absent cells (a cell is all -1 or all valid)")
+        ordered = np.sort(experts, axis=-1)  # vectorised: a repeat shows as two equal neighbours
+        repeats = (ordered[..., 1:] == ordered[..., :-1]) & (ordered[..., 1:] >= 0)
+        if repeats.any():
+            cell = tuple(int(i) for i in np.argwhere(repeats)[0][:-1])
+            raise TraceFormatError(
+                f"{where}: {name}{list(cell)} routes to expert {int(ordered[cell][1:][repeats[cell]][0])} twice "
+                "(a cell's top-k experts must be distinct)"
+            )
     for name in ("prompt_ids", "output_ids"):
         ids = getattr(seq, name)
         if ids is not None and ids.size and ids.min() < 0:

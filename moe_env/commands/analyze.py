@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 
 from moe_env.analysis import default_options, write_report
+from moe_env.errors import UsageError
+from moe_env.outputs import check_writable_dir
 from moe_env.trace import load_trace
 
 
@@ -18,8 +20,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    out = check_writable_dir(args.out, "--out")
     trace = load_trace(args.trace)
     options = default_options(trace, args.cache_slots, args.layer_pair)
-    files = write_report(trace, args.out, options, title=args.trace)
+    meta = trace.meta
+    if not meta.top_k <= options.capacity <= meta.num_experts:
+        raise UsageError(f"--cache-slots {options.capacity} outside {meta.top_k}..{meta.num_experts}")
+    if not 0 <= options.layer_pair < max(meta.num_layers - 1, 1):
+        raise UsageError(f"--layer-pair {options.layer_pair} outside 0..{max(meta.num_layers - 2, 0)}")
+    files = write_report(trace, out, options, title=args.trace)
     print(f"wrote {len(files)} files to {args.out}: {', '.join(files)}")
     return 0

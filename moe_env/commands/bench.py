@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moe_env.errors import UsageError
-from moe_env.policy import make_policy
-from moe_env.sim import SimResult, cost_model_for, simulate
+from moe_env.outputs import check_writable_dir
+from moe_env.policy import check_policy_spec, make_policy
+from moe_env.sim import SimResult, check_capacity, cost_model_for, simulate
 from moe_env.trace import Trace, load_trace
 
 BASELINES = ("lru", "belady")
@@ -33,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--reference-slots", type=int, default=None, help="budget for memory at equal hit rate")
     parser.add_argument("--json", action="store_true", help="print a JSON list of rows instead of the table")
-    parser.add_argument("--plots", default=None, help="directory for PNG plots (default ./bench-plots; JSON: none)")
+    parser.add_argument("--plots", default=None, help="write PNG plots into this directory (default: no plots)")
 
 
 def split_specs(values: list[str] | None) -> list[str]:
@@ -150,24 +151,44 @@ class Bench:
         return IsoHitRate(self.label, policy, prefetch, reference, lru.hit_rate, needed, saved)
 
 
+def given_specs(values: list[str] | None, option: str, default: list[str]) -> list[str]:
+    """The specs of an option, `default` when it was not given; given but empty is an error (never the default)."""
+    if values is None:
+        return default
+    specs = split_specs(values)
+    if not specs:
+        raise UsageError(f"{option} is empty; name at least one, e.g. {option} {','.join(default)}")
+    return specs
+
+
 def run(args: argparse.Namespace) -> int:
-    policies = split_specs(args.policies) or ["lru", "lfu", "belady"]
-    prefetchers = split_specs([args.prefetch]) or ["none"]
+    policies = given_specs(args.policies, "--policies", ["lru", "lfu", "belady"])
+    prefetchers = given_specs([args.prefetch], "--prefetch", ["none"])
     slots = parse_slots(args.cache_slots)
-    for spec in policies:
-        make_policy(spec)  # unknown names fail before any replay
-        if make_policy(spec).prefetch_only:
-            raise UsageError(f"{spec!r} is a prefetcher: pass it with --prefetch")
+    if min(slots) < 1:
+        raise UsageError(f"--cache-slots must be positive, got {args.cache_slots!r}")
+    if args.reference_slots is not None and args.reference_slots < 1:
+        raise UsageError(f"--reference-slots must be positive, got {args.reference_slots}")
+    for spec in policies:  # bad specs, wrong roles and bad arguments fail before any replay
+        check_policy_spec(spec, role="policy")
+        make_policy(spec)
     for spec in prefetchers:
-        if spec != "none" and not make_policy(spec).prefetch_only:
-            raise UsageError(f"{spec!r} is an eviction policy, not a prefetcher: pass it with --policies")
+        check_policy_spec(spec, role="prefetch")
+        if spec != "none":
+            make_policy(spec)
+    plots_dir = None if args.plots is None else check_writable_dir(args.plots, "--plots")
+    traces = [(spec, load_trace(spec)) for spec in args.trace]
     reference = args.reference_slots if args.reference_slots is not None else slots[len(slots) // 2]
+    for _, trace in traces:
+        for s in [*slots, reference]:
+            check_capacity(trace.meta, s)
+        cost_model_for(trace.meta, args.profile)  # an unknown profile fails before any replay
     combos = [(p, f) for p in policies for f in prefetchers]
     rows: list[Row] = []
     iso: list[IsoHitRate] = []
     benches: list[Bench] = []
-    for spec in args.trace:
-        bench = Bench(spec, load_trace(spec), args.profile)
+    for spec, trace in traces:
+        bench = Bench(spec, trace, args.profile)
         benches.append(bench)
         rows += [bench.row(p, f, s) for s in slots for p, f in combos]
         iso += [bench.iso_hit_rate(p, f, reference) for p, f in combos]
@@ -177,9 +198,8 @@ def run(args: argparse.Namespace) -> int:
         print_table(rows, benches)
         print()
         print_iso(iso, benches)
-    plots_dir = args.plots if args.plots is not None else (None if args.json else "bench-plots")
-    if plots_dir:
-        written = [p for bench in benches for p in plot_bench(bench, combos, slots, Path(plots_dir))]
+    if plots_dir is not None:
+        written = [p for bench in benches for p in plot_bench(bench, combos, slots, plots_dir)]
         if not args.json:
             print(f"\nplots: {', '.join(str(p) for p in written)}")
     return 0

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from moe_env.engine import DEFAULT_MODEL, EngineConfig, GenerationResult, OffloadEngine, resolve_model_dir
 from moe_env.errors import UsageError
+from moe_env.outputs import check_writable_file
 from moe_env.prompts import Prompt, load_prompts
 from moe_env.trace import Trace, TraceMeta, TraceRecorder, save_trace
 
@@ -33,12 +34,12 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.limit is not None and args.limit < 1:
         raise UsageError(f"--limit must be >= 1, got {args.limit}")
+    out = check_writable_file(args.out, "--out")
     prompts = load_prompts(args.prompts)[: args.limit]
-    out = Path(args.out)
-    if out.is_dir():
-        raise UsageError(f"--out {out} is a directory; give a file path")
     config = EngineConfig(model=args.model, cache_slots=args.cache_slots, policy=args.policy, prefetch=args.prefetch)
     with OffloadEngine(config) as engine:
+        for prompt in prompts:  # every prompt fits the model's context before the first one is decoded
+            engine.check_context(engine.encode(prompt.text), args.max_new_tokens, where=f"prompt {prompt.id!r}")
         name = args.model if not Path(args.model).is_dir() else Path(args.model).resolve().name
         trace = record_trace(engine, prompts, args.max_new_tokens, model_name=name, progress=True)
     trace.meta.extra["prompts"] = args.prompts

@@ -389,14 +389,31 @@ def builtin_traces_dir() -> Path:
 
 
 def load_trace(spec: str | os.PathLike, builtin_dir: Path | None = None) -> Trace:
-    """A trace from a spec: a trace file, an external JSONL routing log (converted on the fly), or
-    ``builtin:MODEL[/SPLIT]`` naming a shipped trace (SPLIT: train or eval; all sequences without it)."""
+    """A trace from a spec: a trace file, an external routing log converted on the fly (a ``.jsonl`` file, a
+    ``.csv`` file or a directory of per-prompt CSVs), or ``builtin:MODEL[/SPLIT]`` naming a shipped trace (SPLIT:
+    train or eval; all sequences without it); any of them followed by a sequence selection ``#0,2,5-9`` or
+    ``#id=1-800`` (moe_env.trace_select)."""
+    # the importers and the selection build on this module: imported here, not at the top, to avoid a cycle
+    from moe_env.trace_select import select_sequences, split_spec
+
     text = os.fspath(spec)
+    base, selection = (text, "") if Path(text).exists() else split_spec(text)
+    return select_sequences(_load_unselected(base, builtin_dir), selection, base)
+
+
+def _load_unselected(text: str, builtin_dir: Path | None) -> Trace:
     if text.startswith(BUILTIN_PREFIX):
         return _load_builtin(text[len(BUILTIN_PREFIX) :], builtin_dir or builtin_traces_dir())
     path = Path(text)
     if not path.exists():
-        raise UsageError(f"no such trace: {text!r} (give a trace file, a .jsonl routing log or builtin:MODEL[/SPLIT])")
+        raise UsageError(
+            f"no such trace: {text!r} (give a trace file, a .jsonl or .csv routing log, a directory of .csv logs "
+            "or builtin:MODEL[/SPLIT], optionally followed by #SELECTION)"
+        )
+    if path.is_dir() or path.suffix == ".csv":
+        from moe_env.trace_csv import import_csv_routing
+
+        return import_csv_routing(path)
     if path.suffix == ".jsonl":
         return import_jsonl_routing(path)
     return read_trace_file(path)

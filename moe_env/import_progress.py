@@ -1,0 +1,33 @@
+"""Progress of a log import: a tqdm bar in bytes on stderr, shown on a terminal or for large inputs only."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+from tqdm import tqdm
+
+LARGE_INPUT_BYTES = 64 * 2**20  # below this an import takes about a second: no bar in logs
+
+
+def show_progress(total_bytes: int) -> bool:
+    return sys.stderr.isatty() or total_bytes >= LARGE_INPUT_BYTES
+
+
+@contextlib.contextmanager
+def byte_progress(files: Sequence[Path], label: str) -> Iterator[Callable[[Path], None]]:
+    """Yields ``advance(file)``: call it after each file is parsed."""
+    sizes = {file: _size(file) for file in files}
+    total = sum(sizes.values())
+    with tqdm(total=total, desc=label, unit="B", unit_scale=True, file=sys.stderr, leave=False,
+              disable=not show_progress(total)) as bar:  # fmt: skip
+        yield lambda file: bar.update(sizes.get(file, 0))
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0

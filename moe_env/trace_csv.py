@@ -1,0 +1,244 @@
+"""Import per-prompt CSV routing logs (the DeepSeek-V2-Lite format of ../shared/traces/dsv2lite-puffin).
+
+One file per prompt, ``prompt_N_data.csv``, header ``Layer ID,Batch Number,Token,Activated Expert IDs``; one row
+per (MoE layer, token), the experts as a Python-style list ``"[8, 26, 56, 57, 60, 43]"``. Each file is one decode
+sequence whose tokens are known: step t consumes token t, so ``output_ids`` has one id per step. Token ids index
+``meta.extra["vocab"]``, the sorted distinct token strings of the import (moe_env.token_vocab translates ids
+between traces). The sorted layer ids map to 0..L-1 (the dense layer 0 of DeepSeek-V2 is not logged: ids 1..26).
+No weights and no logits: they stay None. Files are parsed with pyarrow's CSV reader.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+
+from moe_env.errors import TraceFormatError
+from moe_env.import_progress import byte_progress
+from moe_env.known_models import resolve_shape
+from moe_env.trace import SequenceTrace, Trace, TraceMeta, validate_trace
+
+CSV_FORMAT = "convert:csv-routing"
+DEFAULT_MODEL = "deepseek-v2-lite"
+COLUMNS = ("Layer ID", "Batch Number", "Token", "Activated Expert IDs")
+_PROMPT_FILE = re.compile(r"^prompt_(\d+)_data\.csv$")
+_COLUMN_TYPES = {COLUMNS[0]: pa.int64(), COLUMNS[1]: pa.int64(), COLUMNS[2]: pa.string(), COLUMNS[3]: pa.string()}
+_CONVERT = pacsv.ConvertOptions(
+    column_types=_COLUMN_TYPES, include_columns=list(COLUMNS), strings_can_be_null=False, null_values=[""]
+)
+_PARSE = pacsv.ParseOptions(newlines_in_values=True)  # a quoted token may hold a raw newline
+_READ = pacsv.ReadOptions(use_threads=False)  # small files: threads cost more than they bring
+
+
+def csv_files(path: Path) -> list[Path]:
+    """The CSV files of a directory import, sorted by prompt number (``prompt_N_data.csv``; other ``*.csv`` files
+    by name after them), or the one file given."""
+    if path.is_file():
+        return [path]
+    files = [p for p in path.iterdir() if p.suffix == ".csv" and p.is_file()]
+    if not files:
+        raise TraceFormatError(f"{path}: no .csv files in this directory")
+
+    def key(p: Path) -> tuple[int, int, str]:
+        match = _PROMPT_FILE.match(p.name)
+        return (0, int(match.group(1)), "") if match else (1, 0, p.name)
+
+    return sorted(files, key=key)
+
+
+def prompt_id_of(path: Path) -> str:
+    """``prompt_12_data.csv`` -> "12" (so selections by prompt number are easy); other names: the file's stem."""
+    match = _PROMPT_FILE.match(path.name)
+    return match.group(1) if match else path.stem
+
+
+class _Rows:
+    """All files' rows in one table (parsed once, vectorised), and which file each row came from."""
+
+    def __init__(self, files: list[Path], tables: list[pa.Table]):
+        self.files = files
+        self.bounds = np.cumsum([0] + [t.num_rows for t in tables])
+        self.table = pa.concat_tables(tables).combine_chunks()
+
+    def where(self, row: int) -> str:
+        """'FILE:LINE' of a global row (line 1 is the header)."""
+        index = int(np.searchsorted(self.bounds, row, side="right") - 1)
+        return f"{self.files[index]}:{row - self.bounds[index] + 2}"
+
+    def column(self, name: str) -> pa.Array:
+        column = self.table.column(name)
+        return column.chunk(0) if column.num_chunks == 1 else pa.concat_arrays(column.chunks)
+
+
+def import_csv_routing(path: str | os.PathLike, model_name: str | None = None, num_experts: int | None = None) -> Trace:
+    """A trace from a directory of per-prompt CSV logs or one CSV file: one sequence per file, in prompt order.
+
+    `model_name` defaults to "deepseek-v2-lite"; a known model fixes the expert count (else the largest id seen
+    + 1, or `num_experts`) and its layers and top-k are checked against the data."""
+    path = Path(path)
+    if not path.exists():
+        raise TraceFormatError(f"{path}: no such file or directory")
+    files = csv_files(path)
+    tables = []
+    with byte_progress(files, f"import {path.name}") as advance:
+        for file in files:
+            tables.append(_read_table(file))
+            advance(file)
+    rows = _Rows(files, tables)
+    for column in COLUMNS:
+        nulls = rows.column(column).is_null().to_numpy(zero_copy_only=False)
+        if nulls.any():
+            raise TraceFormatError(f"{rows.where(int(np.flatnonzero(nulls)[0]))}: empty {column!r}")
+    batch = rows.column(COLUMNS[1]).to_numpy()
+    if (batch != 0).any():
+        row = int(np.flatnonzero(batch != 0)[0])
+        raise TraceFormatError(f"{rows.where(row)}: batch number {batch[row]}; only batch 0 (one sequence) is read")
+    experts = parse_int_lists(rows.column(COLUMNS[3]), rows.where)
+    if experts.min() < 0 or experts.max() > np.iinfo(np.int16).max:
+        row = int(np.flatnonzero((experts > np.iinfo(np.int16).max).any(axis=1))[0])
+        raise TraceFormatError(f"{rows.where(row)}: expert id {experts[row].max()} does not fit the trace format")
+    _refuse_repeats(experts, rows.where)
+    tokens = pc.dictionary_encode(rows.column(COLUMNS[2]))
+    vocab_unsorted = tokens.dictionary.to_pylist()
+    order = np.argsort(np.array(vocab_unsorted, dtype=object), kind="stable")  # ids follow the sorted strings
+    rank = np.empty(len(order), dtype=np.int32)
+    rank[order] = np.arange(len(order), dtype=np.int32)
+    token_ids = rank[tokens.indices.to_numpy()]
+    layers = rows.column(COLUMNS[0]).to_numpy()
+    sequences, layer_ids = [], None
+    for i, file in enumerate(files):
+        lo, hi = rows.bounds[i], rows.bounds[i + 1]
+        ids, seq = _sequence(file, layers[lo:hi], experts[lo:hi], token_ids[lo:hi])
+        if layer_ids is None:
+            layer_ids = ids
+        elif ids != layer_ids:
+            raise TraceFormatError(f"{file}: layer ids {_span(ids)} differ from {files[0].name}'s {_span(layer_ids)}")
+        sequences.append(seq)
+    assert layer_ids is not None  # csv_files never returns an empty list
+    name = model_name or DEFAULT_MODEL
+    top_k = experts.shape[1]
+    num_experts = resolve_shape(name, len(layer_ids), top_k, int(experts.max()) + 1, num_experts, str(path))
+    if len({s.prompt_id for s in sequences}) != len(sequences):
+        raise TraceFormatError(f"{path}: two files give the same prompt id")
+    meta = TraceMeta(
+        model=name,
+        num_layers=len(layer_ids),
+        num_experts=num_experts,
+        top_k=top_k,
+        source=CSV_FORMAT,
+        extra={"source_file": path.name, "layer_ids": [layer_ids[0], layer_ids[-1]],
+               "vocab": [vocab_unsorted[i] for i in order]},
+    )  # fmt: skip
+    trace = Trace(meta, sequences)
+    validate_trace(trace, str(path))
+    return trace
+
+
+def _span(ids: tuple[int, ...]) -> str:
+    return f"{ids[0]}..{ids[-1]}" if list(ids) == list(range(ids[0], ids[-1] + 1)) else str(list(ids))
+
+
+def _read_table(path: Path) -> pa.Table:
+    try:
+        table = pacsv.read_csv(path, read_options=_READ, parse_options=_PARSE, convert_options=_CONVERT)
+    except OSError as exc:
+        raise TraceFormatError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    except (pa.ArrowInvalid, pa.ArrowKeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TraceFormatError(f"{path}: not a routing CSV with columns {', '.join(COLUMNS)} ({first})") from None
+    if table.num_rows == 0:
+        raise TraceFormatError(f"{path}: no routing rows")
+    return table
+
+
+def _sequence(
+    file: Path, layers: np.ndarray, experts: np.ndarray, token_ids: np.ndarray
+) -> tuple[tuple[int, ...], SequenceTrace]:
+    """One file's rows (grouped by layer, tokens in order within a layer) -> its layer ids and [T, L, k] routing."""
+    layer_ids, counts = np.unique(layers, return_counts=True)
+    if layer_ids[0] < 0:
+        raise TraceFormatError(f"{file}: negative layer id {layer_ids[0]}")
+    if counts.min() != counts.max():
+        short = int(layer_ids[np.argmin(counts)])
+        raise TraceFormatError(
+            f"{file}: layers have different token counts ({counts.min()} for layer {short}, {counts.max()} for others)"
+        )
+    order = np.argsort(layers, kind="stable")
+    steps = int(counts[0])
+    tokens = token_ids[order].reshape(len(layer_ids), steps)
+    mismatch = np.flatnonzero((tokens != tokens[0]).any(axis=0))
+    if mismatch.size:
+        raise TraceFormatError(f"{file}: token {mismatch[0]} differs between layers; not one sequence")
+    grid = experts[order].reshape(len(layer_ids), steps, -1).transpose(1, 0, 2)
+    sequence = SequenceTrace(
+        experts=np.ascontiguousarray(grid, dtype=np.int16), output_ids=tokens[0].copy(), prompt_id=prompt_id_of(file)
+    )
+    return tuple(int(i) for i in layer_ids), sequence
+
+
+def _refuse_repeats(experts: np.ndarray, where) -> None:
+    ordered = np.sort(experts, axis=1)
+    repeated = np.flatnonzero((ordered[:, 1:] == ordered[:, :-1]).any(axis=1))
+    if repeated.size:
+        row = int(repeated[0])
+        raise TraceFormatError(f"{where(row)}: experts {experts[row].tolist()} repeat an expert")
+
+
+def parse_int_lists(strings: pa.Array, where) -> np.ndarray:
+    """Strings like ``"[8, 26, 56]"`` (one list a row, the same length in every row) -> int64 array [rows, k].
+
+    The rows' bytes are contiguous in the Arrow buffer, so once every row is checked to be one bracketed list
+    with single spaces after its commas, the buffer with ``][`` turned into newlines is a headerless CSV of k
+    integer columns: pyarrow's CSV reader parses it at C speed. A malformed row names ``where(row)``."""
+    rows = len(strings)
+    commas = pc.count_substring(strings, ",").to_numpy()
+    wellformed = pc.and_(
+        pc.and_(pc.starts_with(strings, "["), pc.ends_with(strings, "]")),
+        pc.and_(pc.equal(pc.count_substring(strings, "["), 1), pc.equal(pc.count_substring(strings, "]"), 1)),
+    ).to_numpy(zero_copy_only=False)
+    spaces_ok = pc.equal(pc.count_substring(strings, " "), pc.count_substring(strings, ", ")).to_numpy(
+        zero_copy_only=False
+    )
+    bad = ~wellformed | ~spaces_ok | (commas != commas[0]) | (pc.utf8_length(strings).to_numpy() < 3)
+    if bad.any():
+        _malformed(strings, int(np.flatnonzero(bad)[0]), where)
+    k = int(commas[0]) + 1
+    strings = strings.cast(pa.large_string()) if strings.type != pa.large_string() else strings
+    _, offsets_buf, data_buf = strings.buffers()
+    offsets = np.frombuffer(offsets_buf, dtype=np.int64)[strings.offset : strings.offset + rows + 1]
+    blob = memoryview(data_buf)[offsets[0] + 1 : offsets[-1] - 1].tobytes().replace(b"][", b"\n")
+    columns = [f"e{i}" for i in range(k)]
+    try:
+        table = pacsv.read_csv(
+            pa.py_buffer(blob),
+            read_options=pacsv.ReadOptions(column_names=columns),
+            convert_options=pacsv.ConvertOptions(column_types=dict.fromkeys(columns, pa.int64()), null_values=[""]),
+        )
+    except pa.ArrowInvalid:
+        table = None
+    if table is None or table.num_rows != rows or any(table.column(c).null_count for c in columns):
+        for row in range(rows):  # rare: find the offending row the slow way
+            if not _is_int_list(strings[row].as_py()):
+                _malformed(strings, row, where)
+        raise TraceFormatError(f"{where(0)}: expert id lists could not be parsed")
+    values = np.stack([table.column(c).to_numpy() for c in columns], axis=1)
+    if (values < 0).any():
+        _malformed(strings, int(np.flatnonzero((values < 0).any(axis=1))[0]), where)
+    return values
+
+
+def _is_int_list(text: str) -> bool:
+    return re.fullmatch(r"\[\d+(, \d+)*\]", text) is not None
+
+
+def _malformed(strings: pa.Array, row: int, where) -> None:
+    raise TraceFormatError(
+        f"{where(row)}: expert ids {strings[row].as_py()!r} are not a list of non-negative integers like "
+        f"{strings[0].as_py()!r}"
+    )

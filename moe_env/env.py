@@ -478,14 +478,14 @@ class LiveMoEOffloadEnv(gym.Env):
 
         if reward != "stall":
             raise UsageError("the live backend supports reward='stall' only")
-        if isinstance(model, str):
-            model, tokenizer, _ = load_model(model, None)
-        else:
-            tokenizer = None
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 2:
             raise InvalidArgument(
                 f"max_new_tokens must be an integer >= 2 (one decision per token), got {max_new_tokens!r}"
             )
+        if isinstance(model, str):
+            model, tokenizer, _ = load_model(model, None)
+        else:
+            tokenizer = None
         adapter = adapter_for(model)
         capacity = checked_capacity(capacity, adapter.num_experts, adapter.top_k)
         self.policy = ActionPolicy(make_policy(fallback))

@@ -260,12 +260,13 @@ def _load_factory(name: str) -> Any:
         ) from None
 
 
-def _is_prefetch_only(spec: str | Policy) -> bool:
-    """Whether a spec names a prefetch-only plug-in; imports the plug-in but builds nothing (no checkpoint loads)."""
+def _is_prefetch_only(spec: str | Policy) -> bool | None:
+    """Whether a spec names a prefetch-only plug-in; imports the plug-in but builds nothing (no checkpoint loads).
+    None when only building would tell (a factory function rather than a Policy class)."""
     if isinstance(spec, Policy):
         return spec.prefetch_only
     factory = _load_factory(parse_policy_spec(spec)[0])
-    return bool(getattr(factory, "prefetch_only", False)) if isinstance(factory, type) else False
+    return bool(getattr(factory, "prefetch_only", False)) if isinstance(factory, type) else None
 
 
 def _is_none(spec: str | Policy | None) -> bool:
@@ -281,7 +282,9 @@ def check_policy_spec(spec: str | Policy | None, role: str = "policy") -> None:
         return
     if not isinstance(spec, Policy):
         _registered(parse_policy_spec(spec)[0])
-    _check_role(spec, _is_prefetch_only(spec), role)
+    prefetch_only = _is_prefetch_only(spec)
+    if prefetch_only is not None:  # else build_policy checks the built policy
+        _check_role(spec, prefetch_only, role)
 
 
 def _check_role(spec: str | Policy, prefetch_only: bool, role: str) -> None:

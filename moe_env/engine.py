@@ -3,6 +3,10 @@
     engine = OffloadEngine(EngineConfig(model="tiny-mixtral", cache_slots=4, policy="lru", prefetch="lookahead"))
     result = engine.generate("def fib(n):", max_new_tokens=32)   # tokens, text, metrics
 
+    # a serving cache: 6 GiB of experts in one pool across layers, warm across requests, prefill bypass
+    config = EngineConfig(model=..., cache_budget="6GiB", allocation="shared", warm=True, prefill="bypass")
+    results = OffloadEngine(config).generate_many(["prompt one", "prompt two"], max_new_tokens=32)
+
 Observers: ``engine.add_observer(fn)`` calls ``fn(routing: LayerRouting)`` for every MoE layer of every forward
 (prefill: step -1 with all prompt tokens; decode: step 0, 1, ...), before the layer's experts are acquired.
 ``on_sequence_start(fn)`` / ``on_sequence_end(fn)`` call ``fn(prompt_ids)`` / ``fn(result)`` around each
@@ -28,7 +32,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreT
 from transformers.utils import logging as hf_logging
 
 from moe_env import embedded
-from moe_env.cache import Counters, ExpertCacheState
+from moe_env.allocation import ALLOCATIONS, Allocation, build_allocation, parse_budget
+from moe_env.cache import PREFILL_MODES, Counters, ExpertCacheState
 from moe_env.checkpoint import CheckpointExperts, CheckpointLayoutError, load_skeleton
 from moe_env.device_cache import SlotPools
 from moe_env.errors import ModelError, UsageError
@@ -37,6 +42,7 @@ from moe_env.models import ModelAdapter, adapter_for
 from moe_env.offload import OffloadRuntime, RoutingObserver
 from moe_env.policy import ModelSpec, Policy, build_policy, check_policy_spec
 from moe_env.store import DiskExpertStore, HostExpertStore, Packer, PinnedExpertStore
+from moe_env.trace import load_trace
 from moe_env.transfer import link_by_name, make_copy_engine
 
 DEFAULT_MODEL = embedded.DEFAULT_MODEL  # re-exported: the CLI and benches import it from here
@@ -55,6 +61,10 @@ class EngineConfig:
     dtype: str | None = None  # None: as stored
     store_dir: str | None = None  # where the CPU expert store is written; default ~/.cache/moe-env/<hash>
     keep_experts: bool = True  # False: forget every expert after its layer ran (the "no cache" baseline)
+    cache_budget: str | None = None  # moe_env.allocation.parse_budget: "6GiB", "0.25", "96" (total slots)
+    allocation: str = "uniform"  # uniform, shared or profile:TRACE (moe_env.allocation.build_allocation)
+    prefill: str = "chunked"  # chunked (through the cache) or bypass (moe_env.cache.PREFILL_MODES)
+    warm: bool = False  # keep the cache between generate() calls (a serving process) instead of emptying it
 
 
 @dataclass
@@ -108,6 +118,7 @@ class OffloadEngine:
         link_by_name(config.link)
         check_policy_spec(config.policy)
         check_policy_spec(config.prefetch, role="prefetch")
+        check_cache_options(config)
         policy = build_policy(config.policy, config.prefetch)
         model, tokenizer, source_dir, experts = load_offloadable(config.model, config.dtype)
         try:
@@ -140,7 +151,6 @@ class OffloadEngine:
         policy = policy or build_policy(config.policy, config.prefetch)
         if policy.needs_future:
             raise UsageError(f"policy {policy.name!r} reads the future and needs a trace: use moe-env bench")
-        capacity = parse_slots(config.cache_slots, adapter)
         self.spec = ModelSpec(
             num_layers=len(adapter.layers),
             num_experts=adapter.num_experts,
@@ -148,13 +158,15 @@ class OffloadEngine:
             expert_bytes=adapter.shape.nbytes,
             name=str(getattr(model.config, "name_or_path", "") or config.model),
         )
+        allocation = resolve_allocation(config, self.spec)
+        cache_state = ExpertCacheState(self.spec, allocation, policy, prefill=config.prefill)
         # experts from the checkpoint's files (the model holds none), else packed from the in-memory model
         store = self._build_store(adapter, source_dir, None if experts is None else experts.pack)
         self.runtime = OffloadRuntime(
             adapter,
             store,
-            SlotPools(adapter.shape, len(adapter.layers), capacity, self.device),
-            ExpertCacheState(self.spec, capacity, policy),
+            SlotPools(adapter.shape, len(adapter.layers), allocation, self.device, scratch=BYPASS_SCRATCH_SLOTS),
+            cache_state,
             make_copy_engine(self.device, link),
             keep_experts=config.keep_experts,
         )
@@ -239,7 +251,7 @@ class OffloadEngine:
         for hook in self._starts:
             hook(prompt_ids)
         runtime = self.runtime
-        runtime.begin_sequence()
+        runtime.begin_sequence(warm=self.config.warm)
         runtime.cache_state.counters = Counters()  # per-generate metrics
         runtime.copier.reset_stats()
         if self.device.type == "cuda":
@@ -274,6 +286,12 @@ class OffloadEngine:
             hook(result)
         return result
 
+    def generate_many(
+        self, prompts: Sequence[str | Sequence[int]], max_new_tokens: int, **options
+    ) -> list[GenerationResult]:
+        """One generate per prompt, in order, through this engine's cache (kept between them when warm)."""
+        return [self.generate(prompt, max_new_tokens, **options) for prompt in prompts]
+
     def close(self) -> None:
         self.runtime.close()
         tmp = getattr(self, "_tmp", None)
@@ -288,18 +306,48 @@ class OffloadEngine:
 
 
 # -- loading ---------------------------------------------------------------------------------------------------
+BYPASS_SCRATCH_SLOTS = 2  # device buffers for prefill experts that bypass the cache (double-buffered copies)
+
+
+def check_cache_options(config: EngineConfig) -> None:
+    """Fail fast (before the model load) on a bad budget, allocation or prefill mode."""
+    if config.cache_budget is not None:
+        parse_budget(config.cache_budget)
+    kind = config.allocation.strip().partition(":")[0]
+    if kind not in ALLOCATIONS:
+        raise UsageError(f"unknown cache allocation {config.allocation!r}; use uniform, shared or profile:TRACE")
+    if config.prefill not in PREFILL_MODES:
+        raise UsageError(f"unknown prefill mode {config.prefill!r}; use one of {', '.join(PREFILL_MODES)}")
+
+
+def resolve_allocation(config: EngineConfig, spec: ModelSpec) -> Allocation:
+    """The cache layout: `cache_budget` (bytes, fraction, total slots) or `cache_slots` per layer (x layers) as the
+    total, laid out by `allocation`."""
+    if config.cache_budget is not None:
+        total = parse_budget(config.cache_budget).total_slots(spec.num_layers, spec.num_experts, spec.expert_bytes)
+    else:
+        total = _slots(config.cache_slots, spec.top_k, spec.num_experts) * spec.num_layers
+    if config.allocation.strip() == "uniform" and config.cache_budget is None:
+        return Allocation.uniform(spec.num_layers, spec.num_experts, total // spec.num_layers)
+    return build_allocation(config.allocation, total, spec.num_layers, spec.num_experts, spec.top_k, load_trace)
+
+
 def parse_slots(value: int | str, adapter: ModelAdapter) -> int:
     """Slots per layer: "all" or an int in top_k..num_experts (a layer's routed experts must fit at once)."""
+    return _slots(value, adapter.top_k, adapter.num_experts)
+
+
+def _slots(value: int | str, top_k: int, num_experts: int) -> int:
     if isinstance(value, str) and value.strip().lower() == "all":
-        return adapter.num_experts
+        return num_experts
     try:
         slots = int(value)
     except (TypeError, ValueError):
         raise UsageError(f"cache slots must be an integer or 'all', got {value!r}") from None
-    if not adapter.top_k <= slots <= adapter.num_experts:
+    if not top_k <= slots <= num_experts:
         raise UsageError(
-            f"cache slots {slots} outside {adapter.top_k}..{adapter.num_experts}: at least top-k={adapter.top_k} "
-            f"(one token's experts) and at most the {adapter.num_experts} experts of a layer"
+            f"cache slots {slots} outside {top_k}..{num_experts}: at least top-k={top_k} "
+            f"(one token's experts) and at most the {num_experts} experts of a layer"
         )
     return slots
 

@@ -26,6 +26,8 @@ class RunMetrics:
     tokens_per_s: float = 0.0  # decode tokens / decode_s
     new_tokens: int = 0
     peak_cache_bytes: int = 0
+    first_hit_rate: float = 0.0  # decode hit rate of the first FIRST_TOKENS steps (how the prefill left the cache)
+    bypass_loads: int = 0  # prefill experts computed from copies that were not installed (prefill bypass)
 
     @classmethod
     def from_counters(cls, counters: Counters, **timing: float) -> RunMetrics:

@@ -5,8 +5,9 @@ builds the LayerRouting (with the router's logits, captured by a forward hook, a
 MoE layer's gate applied to this layer's input), hands it to the observers, then for each RouteEvent
 (moe_env.routing.route_events: one per decode step, capacity-sized chunks in prefill) asks ExpertCacheState for a
 Plan, queues its demand loads then its prefetches on the FIFO link, and computes each expert as soon as its copy
-is ready. Contributions are added in ascending expert order, exactly as the family's eager ``Experts.forward``
-does, so the output is bit-identical to the unmodified model.
+is ready; prefill experts that bypass the cache are copied into scratch slots (two, double-buffered), computed
+and forgotten. Contributions are added in ascending expert order, exactly as the family's eager
+``Experts.forward`` does, so the output is bit-identical to the unmodified model.
 """
 
 from __future__ import annotations
@@ -49,9 +50,12 @@ class OffloadRuntime:
         self.keep_experts = keep_experts
         self.step = -1  # -1 while prefilling, then the decode step
         self.observers: list[RoutingObserver] = []
-        num_layers, capacity = len(adapter.layers), pools.capacity
-        self._tickets: list[list[Ticket | None]] = [[None] * capacity for _ in range(num_layers)]
-        self._slot_read: list[list[torch.cuda.Event | None]] = [[None] * capacity for _ in range(num_layers)]
+        num_layers, allocation = len(adapter.layers), pools.allocation
+        self._pool_of = allocation.layer_pool
+        # per pool and slot: the copy writing it, and (CUDA) the last kernel reading it
+        self._tickets: list[list[Ticket | None]] = [[None] * size for size in allocation.pool_slots]
+        self._slot_read: list[list[torch.cuda.Event | None]] = [[None] * size for size in allocation.pool_slots]
+        self._scratch_read: list[torch.cuda.Event | None] = [None] * pools.scratch_slots
         self._gate_logits: list[torch.Tensor | None] = [None] * num_layers
         self._cuda = pools.device.type == "cuda"
         self._hooks = []
@@ -71,9 +75,10 @@ class OffloadRuntime:
 
         return capture
 
-    def begin_sequence(self) -> None:
-        """Empty the cache (physically too: the next copies overwrite slots, waiting on what is pending)."""
-        self.cache_state.begin_sequence()
+    def begin_sequence(self, warm: bool = False) -> None:
+        """Start a request. Cold: empty the cache (physically too: the next copies overwrite slots, waiting on
+        what is pending). Warm: keep what is resident (its copies have landed or are tracked by their tickets)."""
+        self.cache_state.begin_sequence(warm=warm)
         self.step = -1
 
     # -- the per-layer work ------------------------------------------------------------------------------------
@@ -88,17 +93,17 @@ class OffloadRuntime:
         with torch.no_grad():
             expert_mask = torch.nn.functional.one_hot(top_k_index, num_classes=num_experts + 1).permute(2, 1, 0)
         contributions: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        pool = self._pool_of[layer]
         for event in route_events(routing, self.cache_state):
             plan = self.cache_state.route(event)
             self._issue(plan)
             for expert, slot in self._ready_order(plan):
-                self.copier.wait(self._tickets[layer][slot])
-                token_idx, out = self._expert_output(layer, slot, expert, hidden, expert_mask, top_k_weights)
-                contributions[expert] = (token_idx, out)
-                if self._cuda:
-                    read = torch.cuda.Event()
-                    read.record(torch.cuda.current_stream(self.pools.device))
-                    self._slot_read[layer][slot] = read
+                self.copier.wait(self._tickets[pool][slot])
+                weights = self.pools.weights(layer, slot)
+                contributions[expert] = self._expert_output(layer, weights, expert, hidden, expert_mask, top_k_weights)
+                self._slot_read[pool][slot] = self._record_read()
+            if plan.bypass:
+                self._stream_bypass(layer, plan.bypass, hidden, expert_mask, top_k_weights, contributions)
 
         final = torch.zeros_like(hidden)
         for expert in sorted(contributions):  # the eager forward's accumulation order: bitwise equal output
@@ -126,16 +131,56 @@ class OffloadRuntime:
             lookahead_logits=None if lookahead is None else lookahead.detach().cpu().numpy(),
         )
 
+    def _record_read(self) -> torch.cuda.Event | None:
+        """CUDA: an event after the kernels just queued that read a slot (its next copy must wait for them)."""
+        if not self._cuda:
+            return None
+        read = torch.cuda.Event()
+        read.record(torch.cuda.current_stream(self.pools.device))
+        return read
+
+    def _source(self, layer: int, expert: int):
+        if self._cuda:
+            return self.store.source(layer, expert)  # pinned: an async copy on the side stream
+        return partial(self.store.read_into, layer, expert)  # the copy thread reads straight into the slot
+
     def _issue(self, plan: Plan) -> None:
         """Queue demand loads, then prefetches (one FIFO link: demand copies are not stuck behind speculation)."""
         for load in (*plan.loads, *plan.prefetches):
+            pool = self._pool_of[load.layer]
             dst = self.pools.buffer(load.layer, load.slot)
-            if self._cuda:
-                src = self.store.source(load.layer, load.expert)  # pinned: an async copy on the side stream
-            else:  # the copy thread reads the expert straight into the slot (a pread for the disk store)
-                src = partial(self.store.read_into, load.layer, load.expert)
-            after = self._slot_read[load.layer][load.slot]  # CUDA: the slot's last reader must finish first
-            self._tickets[load.layer][load.slot] = self.copier.submit(dst, src, after)
+            after = self._slot_read[pool][load.slot]  # CUDA: the slot's last reader must finish first
+            self._tickets[pool][load.slot] = self.copier.submit(dst, self._source(load.layer, load.expert), after)
+
+    def _stream_bypass(
+        self,
+        layer: int,
+        experts: list[int],
+        hidden: torch.Tensor,
+        expert_mask: torch.Tensor,
+        top_k_weights: torch.Tensor,
+        contributions: dict[int, tuple[torch.Tensor, torch.Tensor]],
+    ) -> None:
+        """Prefill experts that are not installed: copy each into a scratch slot (the next copy overlaps this
+        compute), compute it, reuse the slot. The cache's slots are untouched."""
+        n = self.pools.scratch_slots
+        tickets: list[Ticket | None] = [None] * n
+
+        def submit(i: int) -> None:
+            index = i % n
+            dst = self.pools.scratch_buffer(index)
+            tickets[index] = self.copier.submit(dst, self._source(layer, experts[i]), self._scratch_read[index])
+
+        for i in range(min(n, len(experts))):
+            submit(i)
+        for i, expert in enumerate(experts):
+            index = i % n
+            self.copier.wait(tickets[index])
+            weights = self.pools.scratch_weights(index)
+            contributions[expert] = self._expert_output(layer, weights, expert, hidden, expert_mask, top_k_weights)
+            self._scratch_read[index] = self._record_read()
+            if i + n < len(experts):
+                submit(i + n)
 
     @staticmethod
     def _ready_order(plan: Plan) -> list[tuple[int, int]]:
@@ -145,6 +190,8 @@ class OffloadRuntime:
         for expert, slot, hit, in_flight in zip(
             plan.event.experts, plan.slots, plan.hit, plan.was_in_flight, strict=True
         ):
+            if slot < 0:
+                continue  # bypassed: streamed through a scratch slot
             rank = (0, 0) if hit and not in_flight else (1, 0) if hit else (2, load_rank[expert])
             ranked.append((rank, expert, slot))
         ranked.sort(key=lambda r: r[0])
@@ -153,14 +200,14 @@ class OffloadRuntime:
     def _expert_output(
         self,
         layer: int,
-        slot: int,
+        weights: tuple[torch.Tensor, torch.Tensor],
         expert: int,
         hidden: torch.Tensor,
         expert_mask: torch.Tensor,
         top_k_weights: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The eager Experts.forward body for one expert, with weights read from its slot."""
-        gate_up_proj, down_proj = self.pools.weights(layer, slot)
+        gate_up_proj, down_proj = weights
         act_fn = self.adapter.layers[layer].experts.act_fn
         top_k_pos, token_idx = torch.where(expert_mask[expert])
         current_state = hidden[token_idx]

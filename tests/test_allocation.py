@@ -244,3 +244,34 @@ def test_fast_path_equals_general_path_for_allocations_and_warm(seed, experts, t
     for policy in KERNEL_POLICIES:
         fast = simulate(trace, policy, allocation, _cost(), warm=warm)
         _assert_same(fast, simulate(trace, policy, allocation, _cost(), fast=False, warm=warm))
+
+
+@pytest.mark.parametrize(
+    ("policy", "prefetch", "allocation", "warm", "prefill"),
+    [("lru", None, "shared", True, "bypass"), ("lfu", "lookahead", "shared", False, "chunked"),
+     ("lru", "lookahead", "uniform", True, "bypass")],
+)  # fmt: skip
+def test_engine_and_simulator_agree_for_allocations_warm_and_bypass(tmp_path, policy, prefetch, allocation, warm,
+                                                                    prefill):  # fmt: skip
+    """The engine serving two prompts and the simulator replaying their recorded trace count the same."""
+    from moe_env.commands.record import record_trace
+    from moe_env.engine import EngineConfig, OffloadEngine
+    from moe_env.models.tiny import byte_tokenizer, tiny_model
+    from moe_env.prompts import Prompt
+
+    model_dir = tmp_path / "model"
+    tiny_model("mixtral", seed=0, vocab_size=256).save_pretrained(model_dir)
+    byte_tokenizer().save_pretrained(model_dir)
+    config = EngineConfig(model=str(model_dir), cache_budget="0.375", allocation=allocation, policy=policy,
+                          prefetch=prefetch, warm=warm, prefill=prefill, store_dir=str(tmp_path / "store"))  # fmt: skip
+    prompts = [Prompt("a", "def area(r):", "eval"), Prompt("b", "The river rose.", "eval")]
+    results = []
+    with OffloadEngine(config) as engine:
+        engine.on_sequence_end(results.append)
+        trace = record_trace(engine, prompts, 6, model_name="random")
+        layout = engine.cache_state.allocation
+    result = simulate(trace, policy, layout, "consumer-pcie4", prefetch=prefetch, warm=warm, prefill=prefill)
+    for name in ("hits", "misses", "prefill_hits", "prefill_misses", "prefetch_issued", "prefetch_used",
+                 "bypass_loads"):  # fmt: skip
+        assert getattr(result, name) == sum(getattr(r.metrics, name) for r in results), name
+    assert (result.bypass_loads > 0) == (prefill == "bypass")

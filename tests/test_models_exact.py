@@ -118,3 +118,55 @@ def test_embedded_model_is_exact_through_the_default_loader(name, tmp_path):
         result = engine.generate("def fibonacci(n):", NEW_TOKENS, keep_logits=True)
     assert result.tokens == tokens and result.text == tokenizer.decode(tokens)
     assert all(torch.equal(a, b) for a, b in zip(logits, result.logits, strict=True))
+
+
+SECOND_PROMPT = list(reversed(PROMPT_IDS))
+
+
+@pytest.fixture(scope="module")
+def profile_traces(tmp_path_factory):
+    """A training trace of each family's shape (random routing: the profile only needs per-layer hit curves)."""
+    import numpy as np
+
+    from moe_env.trace import SequenceTrace, Trace, TraceMeta, save_trace
+
+    def make(family: str, spec) -> str:
+        rng = np.random.default_rng(0)
+        rows = [[rng.choice(spec.num_experts, spec.top_k, replace=False) for _ in range(spec.num_layers)]
+                for _ in range(30)]  # fmt: skip
+        meta = TraceMeta(family, spec.num_layers, spec.num_experts, spec.top_k, "test")
+        path = tmp_path_factory.mktemp(family) / "train.npz"
+        return str(save_trace(Trace(meta, [SequenceTrace(np.asarray(rows, dtype=np.int16))]), path))
+
+    return make
+
+
+@pytest.mark.parametrize("prefill", ["chunked", "bypass"])
+@pytest.mark.parametrize("allocation", ["uniform", "shared", "profile"])
+def test_exact_for_every_allocation_and_prefill_mode_cold_then_warm(
+    tiny_models, family, allocation, prefill, profile_traces
+):
+    """Two requests through one warm engine: the first starts cold (empty cache), the second warm."""
+    expected = [reference(tiny_models, family)]
+    tokens, logits, _, _ = greedy_decode(tiny_models(family), SECOND_PROMPT, NEW_TOKENS, CPU, keep_logits=True)
+    expected.append((tokens, logits))
+    model = tiny_models(family)
+    adapter = adapter_for(model)
+    num_layers, top_k = len(adapter.layers), adapter.top_k
+    budget = str(num_layers * top_k)  # total slots: the least possible, so prefills evict or bypass
+    if allocation == "profile":
+        from moe_env.policy import ModelSpec
+
+        spec = ModelSpec(num_layers, adapter.num_experts, top_k)
+        allocation = f"profile:{profile_traces(family, spec)}"
+    config = EngineConfig(cache_budget=budget, allocation=allocation, prefill=prefill, warm=True, prefetch="lookahead")
+    with OffloadEngine.from_model(model, config) as engine:
+        results = engine.generate_many([PROMPT_IDS, SECOND_PROMPT], NEW_TOKENS, keep_logits=True)
+        assert engine.cache_state.allocation.total_slots <= int(budget)
+    for (tokens, logits), result in zip(expected, results, strict=True):
+        assert result.tokens == tokens
+        assert all(torch.equal(a, b) for a, b in zip(logits, result.logits, strict=True))
+    first = results[0].metrics
+    if prefill == "bypass" and first.prefill_hits + first.prefill_misses > int(budget):
+        assert first.bypass_loads > 0  # some layer's prompt experts exceed its share (top-k slots): bypassed
+    assert results[1].metrics.hits > 0

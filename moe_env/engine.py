@@ -160,12 +160,13 @@ class OffloadEngine:
         )
         allocation = resolve_allocation(config, self.spec)
         cache_state = ExpertCacheState(self.spec, allocation, policy, prefill=config.prefill)
+        scratch = BYPASS_SCRATCH_SLOTS if config.prefill == "bypass" else 0  # device memory beyond the budget
         # experts from the checkpoint's files (the model holds none), else packed from the in-memory model
         store = self._build_store(adapter, source_dir, None if experts is None else experts.pack)
         self.runtime = OffloadRuntime(
             adapter,
             store,
-            SlotPools(adapter.shape, len(adapter.layers), allocation, self.device, scratch=BYPASS_SCRATCH_SLOTS),
+            SlotPools(adapter.shape, len(adapter.layers), allocation, self.device, scratch),
             cache_state,
             make_copy_engine(self.device, link),
             keep_experts=config.keep_experts,

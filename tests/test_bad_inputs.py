@@ -302,7 +302,7 @@ CASES = [
     Case("gen-tokens-0", "generate --prompt hi --max-new-tokens 0", "--max-new-tokens must be >= 1"),
     Case("gen-tokens-neg", "generate --prompt hi --max-new-tokens -5", "--max-new-tokens must be >= 1"),
     Case("gen-tokens-text", "generate --prompt hi --max-new-tokens many", "invalid int value"),
-    Case("gen-no-prompt", "generate --max-new-tokens 4", "the following arguments are required: --prompt"),
+    Case("gen-no-prompt", "generate --max-new-tokens 4", "one of the arguments --prompt --prompts is required"),
     Case("gen-threads-0", f"{G} --threads 0", "--threads must be >= 1"),
     Case("gen-slots-0", "generate --prompt hi --cache-slots 0", "cache slots 0 outside 2..8"),
     Case("gen-slots-1", "generate --prompt hi --cache-slots 1", "cache slots 1 outside 2..8"),

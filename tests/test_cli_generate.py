@@ -93,3 +93,38 @@ def test_non_moe_model(dense_dir, capsys):
     code = main(["generate", "--model", str(dense_dir), "--prompt", "hi"])
     err = capsys.readouterr().err
     assert code == 2 and "'llama' is not a supported MoE family" in err and len(err.strip().splitlines()) == 1
+
+
+def test_prompts_file_is_served_warm_by_one_engine(model_dir, tmp_path, capsys):
+    """--prompts: one JSON line per prompt; warm (default) the repeated prompt finds its experts resident."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("def f(x):\n\ndef f(x):\n", encoding="utf-8")
+    rows = {}
+    for mode in ("warm", "cold"):
+        code = main(["generate", "--model", str(model_dir), "--prompts", str(prompts), "--max-new-tokens", "4",
+                     "--cache-budget", "0.5", "--allocation", "shared", "--prefill", "bypass", "--json",
+                     *(["--cold"] if mode == "cold" else [])])  # fmt: skip
+        assert code == 0
+        rows[mode] = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        assert [row["prompt"] for row in rows[mode]] == ["def f(x):", "def f(x):"]
+    warm, cold = rows["warm"], rows["cold"]
+    assert warm[0]["tokens"] == warm[1]["tokens"] == cold[1]["tokens"]
+    assert cold[0]["metrics"]["misses"] == cold[1]["metrics"]["misses"]  # cold: the same work twice
+    assert warm[1]["metrics"]["misses"] + warm[1]["metrics"]["prefill_misses"] < (
+        cold[1]["metrics"]["misses"] + cold[1]["metrics"]["prefill_misses"]
+    )
+
+
+@pytest.mark.parametrize(
+    ("extra", "fragment"),
+    [(["--cache-budget", "lots"], "cannot read cache budget"),
+     (["--allocation", "diagonal"], "unknown cache allocation"),
+     (["--prompts", "/nonexistent/p.txt"], "cannot read --prompts")],
+)  # fmt: skip
+def test_bad_budget_allocation_or_prompts_file_is_one_line(model_dir, capsys, extra, fragment):
+    args = ["generate", "--model", str(model_dir), "--max-new-tokens", "2", *extra]
+    if "--prompts" not in extra:
+        args += ["--prompt", "hi"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert fragment in err and len(err.splitlines()) == 1

@@ -275,3 +275,38 @@ def test_engine_and_simulator_agree_for_allocations_warm_and_bypass(tmp_path, po
                  "bypass_loads"):  # fmt: skip
         assert getattr(result, name) == sum(getattr(r.metrics, name) for r in results), name
     assert (result.bypass_loads > 0) == (prefill == "bypass")
+
+
+def test_bench_budget_sweep_and_memory_at_equal_hit_rate_in_single_slots(tmp_path, capsys):
+    import json
+
+    from moe_env.cli import main
+    from moe_env.commands.bench import BudgetBench
+    from moe_env.trace import load_trace, save_trace
+
+    rng = np.random.default_rng(3)
+    skew = rng.dirichlet(np.full(8, 0.5), size=3)
+    sequences = [SequenceTrace(np.asarray([[rng.choice(8, 2, replace=False, p=skew[layer]) for layer in range(3)]
+                                           for _ in range(30)], dtype=np.int16)) for _ in range(4)]  # fmt: skip
+    meta = TraceMeta("toy", 3, 8, 2, "test", expert_bytes=1_000_000_000)
+    path = str(save_trace(Trace(meta, sequences), tmp_path / "t.npz"))
+    argv = ["bench", "--trace", path, "--policies", "lru,belady", "--cache-budget", "9,12,15",
+            "--allocation", f"uniform,shared,profile:{path}", "--warm", "--json"]  # fmt: skip
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["rows"]) == 3 * 2 * 3 and all(r["warm"] for r in out["rows"])
+    assert {r["total_slots"] for r in out["rows"]} == {9, 12, 15}
+    bench = BudgetBench(path, load_trace(path), None, True, "chunked", load_trace)
+    for item in out["memory_at_equal_hit_rate"]:
+        assert item["reference_slots"] == 12 and item["slots_needed"] is not None
+        needed, step = item["slots_needed"], bench.step(item["allocation"])
+        result = bench.result(item["policy"], "none", item["allocation"], needed)
+        assert result.hit_rate >= item["target_hit_rate"]
+        if needed - step >= bench.lowest(item["allocation"]):  # one step less misses the target
+            less = bench.result(item["policy"], "none", item["allocation"], needed - step)
+            assert less.hit_rate < item["target_hit_rate"]
+        assert item["bytes_needed"] == needed * 1_000_000_000
+        if item["allocation"] != "uniform":
+            assert step == 1  # shared and profile move one expert's bytes at a time
+    assert main(["bench", "--trace", path, "--cache-budget", "9", "--allocation", "diagonal"]) == 2
+    assert main(["bench", "--trace", path, "--warm"]) == 2

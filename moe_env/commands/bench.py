@@ -13,6 +13,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from moe_env.allocation import BUDGET_SYNTAX, parse_budget
+from moe_env.budget_bench import BudgetBench, IsoBytes, print_rows
+from moe_env.budget_bench import print_iso as print_iso_bytes
+from moe_env.cache import PREFILL_MODES
 from moe_env.errors import UsageError
 from moe_env.outputs import check_writable_dir
 from moe_env.policy import check_policy_spec, make_policy
@@ -25,7 +29,17 @@ BASELINES = ("lru", "belady")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trace", action="append", required=True, help="trace spec (file, .jsonl, builtin:M[/S])")
     parser.add_argument("--policies", action="append", default=None, help="eviction policies, e.g. lru,lfu,belady")
-    parser.add_argument("--cache-slots", default="3,4,5", help="slots per layer to compare, e.g. 3,4,5")
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument("--cache-slots", default=None, help="slots per layer to compare, e.g. 3,4,5 (default)")
+    budget.add_argument("--cache-budget", default=None,
+                        help=f"total budgets to compare, comma-separated, each {BUDGET_SYNTAX}")  # fmt: skip
+    parser.add_argument("--allocation", default=None,
+                        help="with --cache-budget: layouts, e.g. uniform,shared,profile:TRAIN_TRACE")  # fmt: skip
+    parser.add_argument("--warm", action="store_true", help="with --cache-budget: replay the trace as one request "
+                        "stream through one cache (default: each sequence starts empty)")  # fmt: skip
+    parser.add_argument("--prefill", default="chunked", choices=PREFILL_MODES, help="with --cache-budget: prefill mode")
+    parser.add_argument("--reference-budget", default=None,
+                        help="with --cache-budget: budget of memory at equal hit rate (default: middle)")  # fmt: skip
     parser.add_argument(
         "--prefetch", default="none", help="prefetchers to cross with the policies, e.g. none,lookahead"
     )
@@ -164,7 +178,11 @@ def given_specs(values: list[str] | None, option: str, default: list[str]) -> li
 def run(args: argparse.Namespace) -> int:
     policies = given_specs(args.policies, "--policies", ["lru", "lfu", "belady"])
     prefetchers = given_specs([args.prefetch], "--prefetch", ["none"])
-    slots = parse_slots(args.cache_slots)
+    if args.cache_budget is not None:
+        return run_budgets(args, policies, prefetchers)
+    if args.allocation is not None or args.warm or args.prefill != "chunked" or args.reference_budget is not None:
+        raise UsageError("--allocation, --warm, --prefill and --reference-budget go with --cache-budget")
+    slots = parse_slots(args.cache_slots if args.cache_slots is not None else "3,4,5")
     if min(slots) < 1:
         raise UsageError(f"--cache-slots must be positive, got {args.cache_slots!r}")
     if args.reference_slots is not None and args.reference_slots < 1:
@@ -272,3 +290,44 @@ def plot_bench(bench: Bench, combos: list[tuple[str, str]], slots: list[int], ou
         fig.savefig(path, dpi=110, bbox_inches="tight")
         written.append(path)
     return written
+
+
+def run_budgets(args: argparse.Namespace, policies: list[str], prefetchers: list[str]) -> int:
+    """Policies x allocations at equal total budgets (moe_env.budget_bench)."""
+    budgets = [piece.strip() for piece in args.cache_budget.split(",") if piece.strip()]
+    if not budgets:
+        raise UsageError(f"--cache-budget is empty; give {BUDGET_SYNTAX}")
+    for budget in [*budgets, *([args.reference_budget] if args.reference_budget else [])]:
+        parse_budget(budget)
+    allocations = given_specs([args.allocation] if args.allocation else None, "--allocation", ["uniform"])
+    if args.plots is not None:
+        raise UsageError("--plots goes with --cache-slots (budget sweeps print tables and JSON)")
+    for spec in policies:
+        check_policy_spec(spec, role="policy")
+        make_policy(spec)
+    for spec in prefetchers:
+        check_policy_spec(spec, role="prefetch")
+        if spec != "none":
+            make_policy(spec)
+    traces = [(spec, load_trace(spec)) for spec in args.trace]
+    benches = [BudgetBench(spec, trace, args.profile, args.warm, args.prefill, load_trace) for spec, trace in traces]
+    combos = [(p, f, a) for p in policies for f in prefetchers for a in allocations]
+    for bench in benches:  # layouts (and profile traces) fail before any replay
+        for budget in budgets:
+            for allocation in allocations:
+                bench.layout(allocation, bench.total_slots(budget)).check(bench.top_k)
+    rows = []
+    iso: list[IsoBytes] = []
+    for bench in benches:
+        totals = [bench.total_slots(b) for b in budgets]
+        reference = bench.total_slots(args.reference_budget) if args.reference_budget else totals[len(totals) // 2]
+        rows += [bench.row(p, f, a, t) for t in totals for p, f, a in combos]
+        iso += [bench.iso_bytes(p, f, a, reference) for p, f, a in combos]
+    if args.json:
+        print(json.dumps({"rows": [r.as_dict() for r in rows], "memory_at_equal_hit_rate": [i.as_dict() for i in iso]},
+                         indent=1))  # fmt: skip
+    else:
+        print_rows(rows, benches)
+        print()
+        print_iso_bytes(iso)
+    return 0

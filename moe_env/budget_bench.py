@@ -1,0 +1,214 @@
+"""Policies x allocations at equal total budgets, and memory at equal hit rate at slot (= byte) granularity.
+
+``moe-env bench --cache-budget ... --allocation ...`` runs this: every (policy, prefetch, allocation) at every total
+budget, cold or warm, and for each the fewest bytes that reach LRU-uniform's hit rate at the reference budget. A
+uniform allocation moves in whole slots per layer (steps of num_layers slots); shared and profile move one slot
+(one expert's bytes) at a time. The search bisects on the total: hit rate is near-monotone in the budget, and the
+answer is checked to be locally minimal (one step less misses the target).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from moe_env.allocation import Allocation, hit_curves, parse_budget, partition, trace_streams
+from moe_env.errors import UsageError
+from moe_env.sim import SimResult, cost_model_for, simulate
+from moe_env.trace import Trace
+
+REFERENCE = ("lru", "none", "uniform")  # what "equal hit rate" is measured against
+
+
+@dataclass(frozen=True)
+class BudgetRow:
+    trace: str
+    policy: str
+    prefetch: str
+    allocation: str
+    total_slots: int
+    bytes: int
+    result: SimResult
+
+    def as_dict(self) -> dict:
+        r = self.result
+        return {
+            "trace": self.trace,
+            "policy": self.policy,
+            "prefetch": self.prefetch,
+            "allocation": self.allocation,
+            "layout": r.allocation,
+            "total_slots": self.total_slots,
+            "bytes": self.bytes,
+            "warm": r.warm,
+            "prefill": r.prefill,
+            "hits": r.hits,
+            "misses": r.misses,
+            "hit_rate": r.hit_rate,
+            "first_hit_rate": r.first_hit_rate,
+            "stall_s_per_token": r.stall_s_per_token,
+            "tokens_per_s": r.tokens_per_s,
+        }
+
+
+@dataclass(frozen=True)
+class IsoBytes:
+    """Fewest bytes for (policy, prefetch, allocation) to reach LRU-uniform's hit rate at `reference_slots`."""
+
+    trace: str
+    policy: str
+    prefetch: str
+    allocation: str
+    reference_slots: int
+    reference_bytes: int
+    target_hit_rate: float
+    slots_needed: int | None  # None: not reached even with every expert resident
+    bytes_needed: int | None
+
+    @property
+    def saving(self) -> float | None:
+        """Fraction of the reference bytes saved (negative: needs more)."""
+        return None if self.bytes_needed is None else 1.0 - self.bytes_needed / self.reference_bytes
+
+    def as_dict(self) -> dict:
+        return {**self.__dict__, "saving": self.saving}
+
+
+class BudgetBench:
+    """Memoised replays of one (evaluation) trace; ``profile:TRACE`` curves are fitted once per training trace."""
+
+    def __init__(
+        self,
+        label: str,
+        trace: Trace,
+        profile: str | None,
+        warm: bool,
+        prefill: str,
+        load: Callable[[str], Trace],
+    ):
+        self.label = label
+        self.trace = trace
+        self.cost = cost_model_for(trace.meta, profile)
+        self.warm = warm
+        self.prefill = prefill
+        self._load = load
+        self._curves: dict[str, np.ndarray] = {}
+        self._results: dict[tuple[str, str, str, int], SimResult] = {}
+        meta = trace.meta
+        self.num_layers, self.num_experts, self.top_k = meta.num_layers, meta.num_experts, meta.top_k
+
+    def total_slots(self, budget: str) -> int:
+        return parse_budget(budget).total_slots(self.num_layers, self.num_experts, self.cost.expert_bytes)
+
+    def step(self, allocation: str) -> int:
+        return self.num_layers if allocation == "uniform" else 1
+
+    def lowest(self, allocation: str) -> int:
+        return self.top_k if allocation == "shared" else self.top_k * self.num_layers
+
+    def layout(self, allocation: str, total: int) -> Allocation:
+        kind, _, argument = allocation.partition(":")
+        if kind == "uniform" and not argument:
+            return Allocation.uniform(
+                self.num_layers, self.num_experts, min(total // self.num_layers, self.num_experts)
+            )
+        if kind == "shared" and not argument:
+            return Allocation.one_pool(self.num_layers, self.num_experts, total)
+        if kind == "profile" and argument:
+            if argument not in self._curves:
+                train = self._load(argument)
+                shape = (train.meta.num_layers, train.meta.num_experts, train.meta.top_k)
+                if shape != (self.num_layers, self.num_experts, self.top_k):
+                    raise UsageError(f"profile trace {argument!r} has another shape {shape} than {self.label!r}")
+                self._curves[argument] = hit_curves(trace_streams(train), self.num_layers, self.num_experts)
+            slots = partition(self._curves[argument], min(total, self.num_layers * self.num_experts), self.top_k)
+            return Allocation.per_layer("profile", self.num_experts, slots)
+        raise UsageError(f"unknown cache allocation {allocation!r}; use uniform, shared or profile:TRACE")
+
+    def result(self, policy: str, prefetch: str, allocation: str, total: int) -> SimResult:
+        key = (policy, prefetch, allocation, total)
+        if key not in self._results:
+            layout = self.layout(allocation, total)
+            layout.check(self.top_k)
+            self._results[key] = simulate(
+                self.trace, policy, layout, self.cost, None if prefetch == "none" else prefetch,
+                prefill=self.prefill, warm=self.warm,
+            )  # fmt: skip
+        return self._results[key]
+
+    def row(self, policy: str, prefetch: str, allocation: str, total: int) -> BudgetRow:
+        used = self.layout(allocation, total).total_slots
+        result = self.result(policy, prefetch, allocation, total)
+        return BudgetRow(self.label, policy, prefetch, allocation, used, used * self.cost.expert_bytes, result)
+
+    def iso_bytes(self, policy: str, prefetch: str, allocation: str, reference: int) -> IsoBytes:
+        target = self.result(*REFERENCE, reference)
+        reference_used = self.layout("uniform", reference).total_slots
+
+        def meets(total: int) -> bool:
+            result = self.result(policy, prefetch, allocation, total)
+            if prefetch == "none":
+                return result.hit_rate >= target.hit_rate
+            return result.stall_s_per_token <= target.stall_s_per_token
+
+        totals = range(self.lowest(allocation), self.num_layers * self.num_experts + 1, self.step(allocation))
+        needed: int | None = None
+        if meets(totals[-1]):
+            lo, hi = 0, len(totals) - 1  # meets(totals[hi]) holds; find the least index that meets
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if meets(totals[mid]):
+                    hi = mid
+                else:
+                    lo = mid + 1
+            while hi > 0 and meets(totals[hi - 1]):  # a near-monotone curve: settle on a local minimum
+                hi -= 1
+            needed = totals[hi]
+        used = None if needed is None else self.layout(allocation, needed).total_slots
+        return IsoBytes(
+            self.label, policy, prefetch, allocation, reference_used, reference_used * self.cost.expert_bytes,
+            target.hit_rate, used, None if used is None else used * self.cost.expert_bytes,
+        )  # fmt: skip
+
+
+def print_rows(rows: list[BudgetRow], benches: list[BudgetBench]) -> None:
+    for bench in benches:
+        mode = "warm (one request stream)" if bench.warm else "cold (each sequence starts empty)"
+        print(f"trace {bench.label}: {bench.trace.num_accesses} decode accesses, profile {bench.cost.name}, {mode}, "
+              f"prefill {bench.prefill}")  # fmt: skip
+    header = ["trace", "policy", "prefetch", "allocation", "slots", "GB", "hit_rate", "first_hits", "stall_ms/tok"]
+    table = [header]
+    for row in rows:
+        r = row.result
+        table.append([row.trace, row.policy, row.prefetch, row.allocation, str(row.total_slots),
+                      f"{row.bytes / 1e9:.2f}", f"{r.hit_rate:.3f}", f"{r.first_hit_rate:.3f}",
+                      f"{1e3 * r.stall_s_per_token:.2f}"])  # fmt: skip
+    _print_table(table, left=4)
+
+
+def print_iso(iso: list[IsoBytes]) -> None:
+    if not iso:
+        return
+    first = iso[0]
+    print(f"memory at equal hit rate (LRU uniform's hit rate at {first.reference_slots} slots = "
+          f"{first.reference_bytes / 1e9:.2f} GB; uniform moves in whole slots per layer, shared/profile in "
+          "single slots; with a prefetcher, LRU's stall per token):")  # fmt: skip
+    table = [["trace", "policy", "prefetch", "allocation", "target", "slots", "GB", "saving"]]
+    for item in iso:
+        needed = "never" if item.slots_needed is None else str(item.slots_needed)
+        gb = "-" if item.bytes_needed is None else f"{item.bytes_needed / 1e9:.2f}"
+        saving = "-" if item.saving is None else f"{100 * item.saving:+.1f}%"
+        table.append([item.trace, item.policy, item.prefetch, item.allocation, f"{item.target_hit_rate:.3f}",
+                      needed, gb, saving])  # fmt: skip
+    _print_table(table, left=4)
+
+
+def _print_table(table: list[list[str]], left: int) -> None:
+    widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
+    for line in table:
+        cells = (
+            cell.ljust(w) if i < left else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths, strict=True))
+        )
+        print("  ".join(cells))

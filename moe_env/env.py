@@ -15,12 +15,13 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
+from moe_env.allocation import Allocation, build_allocation, parse_budget
 from moe_env.costmodel import CostModel
 from moe_env.errors import InvalidArgument, UsageError
 from moe_env.policy import CacheView, ModelSpec, Policy, RouteEvent, make_policy
 from moe_env.routing import LayerRouting, route_events
 from moe_env.sim import Replayer, cost_model_for, simulate
-from moe_env.trace import Trace, load_trace
+from moe_env.trace import Trace, TraceMeta, load_trace
 
 ENV_ID = "moe_env/MoEOffload-v0"  # registered by moe_env/__init__.py
 REWARDS = ("stall", "stall_vs_lru")
@@ -251,7 +252,15 @@ class MoEOffloadEnv(gym.Env):
         profile: str | CostModel | None = None,
         reference_metrics: bool = True,
         fallback: str = "lru",
+        budget: str | None = None,
+        allocation: str = "uniform",
+        warm: bool = False,
+        prefill: str = "chunked",
     ):
+        """``budget`` (moe_env.allocation.parse_budget) replaces ``capacity`` (slots per layer) as the total;
+        ``allocation`` lays it out (uniform, shared, profile:TRACE; shared needs a fallback that ranks across
+        layers, which the agent's per-layer scores do not: refused); ``warm``: episodes follow the trace's
+        sequences in order through one cache (a request stream; cold again when it wraps around)."""
         if reward not in REWARDS:
             raise UsageError(f"unknown reward {reward!r}; choose one of {', '.join(REWARDS)}")
         if isinstance(trace, str):
@@ -261,11 +270,15 @@ class MoEOffloadEnv(gym.Env):
         meta = trace.meta
         self.trace = trace
         self.cost = cost_model_for(meta, profile)
-        self.capacity = checked_capacity(capacity, meta.num_experts, meta.top_k)
+        layout = env_allocation(meta, self.cost.expert_bytes, capacity, budget, allocation)
         self.reward_kind = reward
         self.reference_metrics = reference_metrics
+        self.warm = warm
         self.policy = ActionPolicy(make_policy(fallback))
-        self.replayer = Replayer(meta, self.policy, self.capacity, self.cost, with_oracle=True)
+        self.replayer = Replayer(meta, self.policy, layout, self.cost, with_oracle=True, prefill=prefill, warm=warm)
+        self.capacity = self.replayer.cache.capacity  # the most slots one layer holds (the observation's scale)
+        if warm:
+            self.replayer.begin_stream(trace.sequences)
         self.model_spec = self.replayer.spec
         self.builder = ObservationBuilder(self.model_spec, self.capacity)
         self.observation_space = spaces.Box(0.0, 1.0, shape=(self.builder.size,), dtype=np.float32)
@@ -273,6 +286,7 @@ class MoEOffloadEnv(gym.Env):
         self._routings: dict[int, tuple[list[LayerRouting], list[tuple[LayerRouting, RouteEvent]]]] = {}
         self._references: dict[int, tuple[float, float]] = {}
         self._shadow: Replayer | None = None
+        self._started = False
         self.sequence_index = 0
         self._decode: list[tuple[LayerRouting, RouteEvent]] = []
         self._cursor = 0
@@ -326,6 +340,8 @@ class MoEOffloadEnv(gym.Env):
             index = int(options["sequence"])
             if not 0 <= index < len(self.trace.sequences):
                 raise UsageError(f"sequence {index} outside 0..{len(self.trace.sequences) - 1}")
+        elif self.warm:  # a request stream: the next sequence in order
+            index = (self.sequence_index + 1) % len(self.trace.sequences) if self._started else 0
         else:
             index = int(self.np_random.integers(len(self.trace.sequences)))
         self.sequence_index = index
@@ -333,11 +349,15 @@ class MoEOffloadEnv(gym.Env):
         prefill, self._decode = self._sequence(index)
         self._cursor = 0
         self.stats = EpisodeStats(tokens=sequence.num_steps)
+        if self.warm and index == 0 and self._started:
+            self.replayer.cache.begin_sequence()  # the stream wrapped around: start it cold again
         self.replayer.begin_sequence(sequence)
+        self._started = True
         self.builder.reset()
-        self._shadow = None
         if self.reward_kind == "stall_vs_lru":
-            self._shadow = Replayer(self.trace.meta, make_policy("lru"), self.capacity, self.cost)
+            if self._shadow is None or not self.warm:
+                layout = self.replayer.cache.allocation
+                self._shadow = Replayer(self.trace.meta, make_policy("lru"), layout, self.cost, warm=self.warm)
             self._shadow.begin_sequence(sequence)
         for routing in prefill:
             self._process(routing)
@@ -376,7 +396,7 @@ class MoEOffloadEnv(gym.Env):
         if index not in self._references:
             one = Trace(self.trace.meta, [self.trace.sequences[index]])
             self._references[index] = tuple(  # type: ignore[assignment]
-                simulate(one, name, self.capacity, self.cost).hit_rate for name in ("lru", "belady")
+                simulate(one, name, self.replayer.cache.allocation, self.cost).hit_rate for name in ("lru", "belady")
             )
         return self._references[index]
 
@@ -392,6 +412,21 @@ class EpisodeStats:
     def hit_rate(self) -> float:
         total = self.hits + self.misses
         return self.hits / total if total else 0.0
+
+
+def env_allocation(
+    meta: TraceMeta, expert_bytes: int, capacity: int | None, budget: str | None, allocation: str
+) -> int | Allocation:
+    """Slots per layer (the default: half the experts) or, with a budget or a non-uniform allocation, a layout."""
+    if budget is None and allocation.strip() == "uniform":
+        return checked_capacity(capacity, meta.num_experts, meta.top_k)
+    if budget is not None and capacity is not None:
+        raise UsageError("give the env a capacity (slots per layer) or a budget, not both")
+    if budget is not None:
+        total = parse_budget(budget).total_slots(meta.num_layers, meta.num_experts, expert_bytes)
+    else:
+        total = checked_capacity(capacity, meta.num_experts, meta.top_k) * meta.num_layers
+    return build_allocation(allocation, total, meta.num_layers, meta.num_experts, meta.top_k, load_trace)
 
 
 def default_capacity(num_experts: int, top_k: int) -> int:

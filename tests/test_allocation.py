@@ -310,3 +310,32 @@ def test_bench_budget_sweep_and_memory_at_equal_hit_rate_in_single_slots(tmp_pat
             assert step == 1  # shared and profile move one expert's bytes at a time
     assert main(["bench", "--trace", path, "--cache-budget", "9", "--allocation", "diagonal"]) == 2
     assert main(["bench", "--trace", path, "--warm"]) == 2
+
+
+def test_env_budget_profile_and_warm_request_stream(tmp_path):
+    from moe_env.env import MoEOffloadEnv
+    from moe_env.trace import save_trace
+
+    rng = np.random.default_rng(5)
+    sequences = [SequenceTrace(np.asarray([[rng.choice(8, 2, replace=False) for _ in range(3)] for _ in range(6)],
+                                          dtype=np.int16)) for _ in range(3)]  # fmt: skip
+    trace = Trace(TraceMeta("toy", 3, 8, 2, "test", expert_bytes=1_000_000_000), sequences)
+    path = str(save_trace(trace, tmp_path / "t.npz"))
+    for warm in (False, True):
+        env = MoEOffloadEnv(trace, budget="12", allocation=f"profile:{path}", warm=warm, profile="consumer-pcie4")
+        assert env.cache.allocation.total_slots == 12
+        order, resident_at_start = [], []
+        for _ in range(4):
+            env.reset(seed=0)
+            order.append(env.sequence_index)
+            resident_at_start.append(sum(len(env.cache.resident(layer)) for layer in range(3)))
+            done = False
+            while not done:
+                _, _, done, _, _ = env.step(np.zeros(8, dtype=np.float32))
+        if warm:
+            assert order == [0, 1, 2, 0]  # in order; cold again when the stream wraps around
+            assert resident_at_start[1] > 0 and resident_at_start[2] > 0 and resident_at_start[3] == 0
+        else:
+            assert resident_at_start == [0, 0, 0, 0]
+    with pytest.raises(UsageError, match="across layers"):
+        MoEOffloadEnv(trace, budget="12", allocation="shared")

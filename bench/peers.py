@@ -10,7 +10,9 @@ decode of the same prompts under:
                   calibration prompt pinned in RAM for good, every other routed expert read from the slow tier at
                   each use into one scratch buffer (no cache); pinned + scratch fit the same budget
   moe-env:P       moe-env's engine with the budget as cache slots per layer, policy P (lru, lfu-decay, with
-                  lookahead prefetch, and ppo / predictor when their plug-in loads a checkpoint for this model)
+                  lookahead prefetch, and ppo / predictor when their plug-in loads a checkpoint for this model);
+                  P@warm keeps the cache across requests (the warm-up decode included: a serving process),
+                  P@bypass computes a prefill whose experts exceed a layer's slots from copies not installed
 Each configuration runs in a fresh subprocess (its own resident-set high-water mark), loads, warms up, then decodes
 every prompt `--runs` times. Before every forward the slow tier is made cold (posix_fadvise DONTNEED on its files;
 moe-env's store maps nothing): this emulates a machine whose RAM beyond the budget cannot cache it,
@@ -63,8 +65,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: stable on a shared box)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--policies", default=MOE_POLICIES, help="moe-env policies (EVICT[+PREFETCH]); learned ones "
+    p.add_argument("--policies", default=MOE_POLICIES, help="moe-env policies (EVICT[+PREFETCH][@MODES], MODES: "
+                   "warm, bypass or warm-bypass: a cache kept across requests, prefill bypass); learned ones "
                    "(ppo, predictor) are added when their plug-in loads")  # fmt: skip
+    p.add_argument("--allocation", default="uniform", help="moe-env: uniform or shared (the budget in one pool)")
     p.add_argument("--configs", default="", help="comma-separated subset (resident,accelerate,static,moe-env)")
     p.add_argument("--page-cache", choices=("drop", "keep"), default="drop", help="drop: cold slow tier each forward")
     p.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/moe-env/peers"))
@@ -270,12 +274,15 @@ def _measure(spec: dict, cleanup: list[Path]) -> dict:
         else:
             from moe_env.engine import EngineConfig, OffloadEngine
 
-            policy, _, prefetch = config.removeprefix("moe-env:").partition("+")
+            policies, _, modes = config.removeprefix("moe-env:").partition("@")
+            policy, _, prefetch = policies.partition("+")
+            modes = set(modes.split("-")) if modes else set()
             engine = OffloadEngine.from_model(
                 model,
                 EngineConfig(
                     cache_slots=spec["slots"], policy=policy, prefetch=prefetch or None, store_dir=str(prepared),
-                    device=str(device),
+                    device=str(device), allocation=spec.get("allocation", "uniform"), warm="warm" in modes,
+                    prefill="bypass" if "bypass" in modes else "chunked",
                 ),
             )  # fmt: skip
             tier = peers.SlowTier([prepared / peers.STORE_FILE])
@@ -595,7 +602,7 @@ def main(argv: list[str] | None = None) -> int:
                 trace = None
                 if trace_path is None and args.device == "cpu":
                     trace = trace_path = str(Path(tempfile.mkdtemp(prefix="peers-trace-")) / "trace.moetrace")
-                row = add(f"moe-env:{policy}", label, budget, slots, trace=trace)
+                row = add(f"moe-env:{policy}", label, budget, slots, trace=trace, allocation=args.allocation)
                 if trace and row.get("error"):
                     trace_path = None
 

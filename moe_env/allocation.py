@@ -159,10 +159,11 @@ def hit_curves(layer_streams: Iterable[Sequence[Sequence[int]]], num_layers: int
     return np.cumsum(depth_counts, axis=1)  # hits(s) = accesses with stack depth <= s
 
 
-def partition(curves: np.ndarray, total: int, minimum: int) -> list[int]:
+def partition(curves: np.ndarray | list[list[int]], total: int, minimum: int) -> list[int]:
     """UCP lookahead: start each layer at `minimum`, then give slots where they buy the most hits per slot."""
-    num_layers, sizes = curves.shape
+    num_layers, sizes = len(curves), len(curves[0])
     most = sizes - 1
+    curves = np.asarray(curves).tolist()  # plain ints: this loop indexes them ~L x E times per step
     alloc = [minimum] * num_layers
     remaining = total - minimum * num_layers
     if remaining < 0:
@@ -172,7 +173,7 @@ def partition(curves: np.ndarray, total: int, minimum: int) -> list[int]:
         for layer in range(num_layers):
             have = alloc[layer]
             for extra in range(1, min(remaining, most - have) + 1):
-                utility = (curves[layer, have + extra] - curves[layer, have]) / extra
+                utility = (curves[layer][have + extra] - curves[layer][have]) / extra
                 candidate = (float(utility), -extra, -layer)
                 if best is None or candidate > best:
                     best = candidate

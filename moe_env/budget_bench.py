@@ -95,6 +95,7 @@ class BudgetBench:
         self.prefill = prefill
         self._load = load
         self._curves: dict[str, np.ndarray] = {}
+        self._layouts: dict[tuple[str, int], Allocation] = {}
         self._results: dict[tuple[str, str, str, int], SimResult] = {}
         meta = trace.meta
         self.num_layers, self.num_experts, self.top_k = meta.num_layers, meta.num_experts, meta.top_k
@@ -109,6 +110,12 @@ class BudgetBench:
         return self.top_k if allocation == "shared" else self.top_k * self.num_layers
 
     def layout(self, allocation: str, total: int) -> Allocation:
+        key = (allocation, total)
+        if key not in self._layouts:
+            self._layouts[key] = self._layout(allocation, total)
+        return self._layouts[key]
+
+    def _layout(self, allocation: str, total: int) -> Allocation:
         kind, _, argument = allocation.partition(":")
         if kind == "uniform" and not argument:
             return Allocation.uniform(

@@ -25,7 +25,6 @@ from gymnasium.vector.utils import batch_space
 from moe_env.env import MoEOffloadEnv
 from moe_env.errors import UsageError
 
-
 _SCALARS = (int, float, bool)
 
 

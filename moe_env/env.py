@@ -302,6 +302,13 @@ class MoEOffloadEnv(gym.Env):
         """The decode event whose decision is pending (what the observation describes)."""
         return self._decode[self._cursor][1]
 
+    def share_sequence_cache(self, other: MoEOffloadEnv) -> None:
+        """Use `other`'s per-sequence caches (routings, decode events, reference hit rates): read-only data of the
+        same trace, so the lanes of a vector env prepare each sequence once, not once per lane."""
+        if other.trace is not self.trace or other.capacity != self.capacity:
+            raise ValueError("only envs over the same trace and capacity can share their sequence caches")
+        self._routings, self._references = other._routings, other._references
+
     def _sequence(self, index: int) -> tuple[list[LayerRouting], list[tuple[LayerRouting, RouteEvent]]]:
         if index not in self._routings:
             prefill, decode = [], []

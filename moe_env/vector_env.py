@@ -33,6 +33,8 @@ class _Lanes:
 
     def __init__(self, env_kwargs: dict[str, Any], count: int):
         self.envs = [MoEOffloadEnv(**env_kwargs) for _ in range(count)]
+        for env in self.envs[1:]:
+            env.share_sequence_cache(self.envs[0])
         self.needs_reset = [False] * count
 
     def reset(self, seeds: list[int | None], options: dict | None, obs: np.ndarray) -> list[dict]:

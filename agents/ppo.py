@@ -35,6 +35,7 @@ class PPOConfig:
 
     total_timesteps: int = 200_000
     n_envs: int = 4
+    vec_env: str = "dummy"  # dummy: envs stepped in this process | subproc: one process per env (SubprocVecEnv)
     n_steps: int = 512
     batch_size: int = 256
     n_epochs: int = 5

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
+import gymnasium as gym
 import numpy as np
 import torch
 from moe_env.agents.checkpoint import shipped_policy_path
@@ -25,7 +26,7 @@ from moe_env.agents.prior import ScorePrior
 from stable_baselines3 import PPO
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.monitor import Monitor
-from stable_baselines3.common.vec_env import DummyVecEnv
+from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv
 
 from moe_env.env import MoEOffloadEnv, default_capacity
 from moe_env.errors import UsageError
@@ -52,8 +53,10 @@ class EvalCallback(BaseCallback):
     """Logs episode metrics; every `eval_every` steps saves the policy, evaluates it and checkpoints the model."""
 
     def __init__(self, run_dir: Path, evaluate: Callable[[Path], dict], save_policy: Callable[[Path], None],
-                 eval_every: int, total: int, log: Callable[[str], None]):  # fmt: skip
+                 eval_every: int, total: int, log: Callable[[str], None],
+                 on_eval: Callable[[dict], None] | None = None):  # fmt: skip
         super().__init__()
+        self.on_eval = on_eval  # told every validation result (a Ray Tune trial reports it to its scheduler)
         self.run_dir = run_dir
         self.evaluate = evaluate
         self.save_policy = save_policy
@@ -109,6 +112,8 @@ class EvalCallback(BaseCallback):
             f"{'  (best)' if self.best == metrics['stall_s_per_token'] else ''}"
         )
         self.logger.dump(self.num_timesteps)
+        if self.on_eval is not None:
+            self.on_eval(metrics | {"timesteps": self.num_timesteps})
         return metrics
 
 
@@ -123,9 +128,29 @@ def save_model(model: PPO, run_dir: Path) -> None:
         old.unlink()
 
 
+def make_vec_env(config: PPOConfig, builders: list[Callable[[], gym.Env]]) -> VecEnv:
+    """The rollout workers: ``dummy`` steps every env here; ``subproc`` runs one env per process (SB3's
+    SubprocVecEnv, forkserver: the builders are pickled), so rollouts use as many cores as envs."""
+    if config.vec_env == "dummy":
+        return DummyVecEnv(builders)
+    if config.vec_env == "subproc":
+        return SubprocVecEnv([_single_threaded(build) for build in builders], start_method="forkserver")
+    raise UsageError(f"unknown vec_env {config.vec_env!r} in the PPO config; use dummy or subproc")
+
+
+def _single_threaded(build: Callable[[], gym.Env]) -> Callable[[], gym.Env]:
+    def build_in_worker() -> gym.Env:
+        torch.set_num_threads(1)  # one core per env worker: the prior's forward must not oversubscribe
+        return build()
+
+    return build_in_worker
+
+
 def train_ppo(config: PPOConfig, train_trace: Trace, validation: Trace, run_dir: Path, resume: bool = False,
-              log: Callable[[str], None] = print) -> Path:  # fmt: skip
-    """Train (or continue) a run; returns the best policy's path. Ctrl-C saves a checkpoint and re-raises."""
+              log: Callable[[str], None] = print, on_eval: Callable[[dict], None] | None = None,
+              make_replay_env: Callable[..., gym.Env] = MoEOffloadEnv) -> Path:  # fmt: skip
+    """Train (or continue) a run; returns the best policy's path. Ctrl-C saves a checkpoint and re-raises.
+    ``make_replay_env(trace, **kwargs)`` builds each rollout env (a Ray worker passes Ray's registered creator)."""
     if (train_trace.meta.num_experts, train_trace.meta.num_layers) != (
         validation.meta.num_experts,
         validation.meta.num_layers,
@@ -139,12 +164,12 @@ def train_ppo(config: PPOConfig, train_trace: Trace, validation: Trace, run_dir:
 
     def make_env(rank: int):
         def build():
-            env = MoEOffloadEnv(train_trace, capacity=capacity, reward=config.reward, profile=cost)
+            env = make_replay_env(train_trace, capacity=capacity, reward=config.reward, profile=cost)
             return Monitor(ResidualActionWrapper(env, prior, config.residual_scale), info_keywords=INFO_KEYS)
 
         return build
 
-    venv = DummyVecEnv([make_env(i) for i in range(config.n_envs)])
+    venv = make_vec_env(config, [make_env(i) for i in range(config.n_envs)])
     venv.seed(config.seed)
     last = run_dir / "checkpoints" / "last.zip"
     if resume:
@@ -172,7 +197,7 @@ def train_ppo(config: PPOConfig, train_trace: Trace, validation: Trace, run_dir:
         gap = (result.hit_rate - lru) / (belady - lru) if belady > lru else float("nan")
         return {"hit_rate": result.hit_rate, "stall_s_per_token": result.stall_s_per_token, "gap_captured": gap}
 
-    callback = EvalCallback(run_dir, evaluate, save_policy, config.eval_every, config.total_timesteps, log)
+    callback = EvalCallback(run_dir, evaluate, save_policy, config.eval_every, config.total_timesteps, log, on_eval)
     remaining = config.total_timesteps - model.num_timesteps
     try:
         if remaining > 0:
@@ -185,6 +210,8 @@ def train_ppo(config: PPOConfig, train_trace: Trace, validation: Trace, run_dir:
         save_policy(run_dir / "latest-policy.pt")
         log(f"interrupted at {model.num_timesteps} timesteps: checkpoint saved, continue with --resume")
         raise
+    finally:
+        venv.close()  # ends SubprocVecEnv workers
     return run_dir / "best-policy.pt"
 
 

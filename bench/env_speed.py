@@ -1,6 +1,6 @@
 """Env throughput: replay env steps/s (constant, heuristic and learned actions) and PPO training steps/s.
 
-    python bench/env_speed.py [--trace SPEC] [--profile P] [--repeats 5] [--ppo-steps 8192]
+    python bench/env_speed.py [--trace SPEC] [--profile P] [--repeats 5] [--ppo-steps 8192] [--vector 16x1,64x2]
 
 Medians over repeats, printed side by side. Default trace: builtin:tiny-mixtral/train when shipped, else the
 shared Mixtral routing log (../shared/traces) with the mixtral-8x7b-4bit expert profile.
@@ -51,6 +51,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--min-steps", type=int, default=20_000)
     p.add_argument("--ppo-steps", type=int, default=8192)
+    p.add_argument("--vector", default="16x1,16x2,64x2", help="vector env rows LANESxPROCESSES, comma-separated")
     args = p.parse_args()
     torch.set_num_threads(1)
     spec, profile = (args.trace, args.profile) if args.trace else default_trace()
@@ -80,6 +81,7 @@ def main() -> None:
             f"{name:32s} {statistics.median(wall):13.0f} {statistics.median(cpu):12.0f} {min(wall):9.0f} "
             f"{max(wall):9.0f}"
         )
+    vector_rows(trace, args, profile, action)
     import tempfile
 
     wall, cpu = [], []
@@ -97,6 +99,31 @@ def main() -> None:
         f"{'PPO training (default config)':32s} {statistics.median(wall):13.0f} {statistics.median(cpu):12.0f} "
         f"{min(wall):9.0f} {max(wall):9.0f}"
     )
+
+
+def vector_rows(trace, args: argparse.Namespace, profile: str | None, action: np.ndarray) -> None:
+    """The vectorised env (moe_env.vector_env) with the constant action: aggregate steps/s over its lanes."""
+    from moe_env.vector_env import ReplayVectorEnv
+
+    for num_envs, workers in [(int(x), int(y)) for x, y in (c.split("x") for c in args.vector.split(","))]:
+        vector = ReplayVectorEnv(num_envs, workers, trace=trace, profile=args.profile or profile,
+                                 reference_metrics=False)  # fmt: skip
+        actions = np.repeat(action[None, :], num_envs, axis=0)
+        rates, cpus = [], []
+        try:
+            vector.reset(seed=0)
+            for _ in range(args.repeats):
+                steps, start, cpu = 0, time.perf_counter(), time.process_time()
+                while steps < args.min_steps:
+                    vector.step(actions)
+                    steps += num_envs
+                rates.append(steps / (time.perf_counter() - start))
+                cpus.append(steps / max(time.process_time() - cpu, 1e-9))
+        finally:
+            vector.close()
+        name = f"vector {num_envs} lanes, {workers} proc"
+        cpu = f"{statistics.median(cpus):12.0f}" if workers == 1 else f"{'-':>12s}"  # workers' CPU is not ours
+        print(f"{name:32s} {statistics.median(rates):13.0f} {cpu} {min(rates):9.0f} {max(rates):9.0f}")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,10 @@ def _register_envs() -> None:
     except ImportError:  # the env is optional for the engine's users
         return
     if ENV_ID not in gymnasium.registry:
-        gymnasium.register(id=ENV_ID, entry_point="moe_env.env:make_env")
+        # make_vec(ENV_ID, num_envs=N[, workers=W]) batches replay lanes (moe_env.vector_env)
+        gymnasium.register(
+            id=ENV_ID, entry_point="moe_env.env:make_env", vector_entry_point="moe_env.vector_env:ReplayVectorEnv"
+        )
 
 
 _register_envs()

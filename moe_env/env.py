@@ -41,6 +41,18 @@ def _softmax(logits: np.ndarray | None, n: int) -> np.ndarray:
     return (x / x.sum()).astype(np.float32)
 
 
+def event_probabilities(event: RouteEvent, num_layers: int, num_experts: int) -> tuple[np.ndarray | None, np.ndarray]:
+    """(lookahead probs of the target layer or None, gate probs of this layer): pure functions of the event's
+    logits, memoised on the event (the replay env reuses a sequence's events in every episode)."""
+    memo = event.extra.get("probabilities")
+    if memo is None:
+        wraps = event.layer + 1 >= num_layers
+        lookahead = None if wraps or event.lookahead_logits is None else _softmax(event.lookahead_logits, num_experts)
+        memo = (lookahead, _softmax(event.gate_logits, num_experts))
+        event.extra["probabilities"] = memo
+    return memo
+
+
 class ObservationBuilder:
     """Features of the decision "layer l has routed; act on layer (l + 1) mod L". Stateful over one sequence.
 
@@ -105,11 +117,10 @@ class ObservationBuilder:
         wraps = target == 0
         token = max(event.step, 0) + (1 if wraps else 0)
         obs = np.zeros(self.size, dtype=np.float32)
-        lookahead = None if wraps else event.lookahead_logits
+        lookahead, gate = event_probabilities(event, num_layers, e)
         if lookahead is not None:
-            obs[0:e] = _softmax(lookahead, e)
-        if event.gate_logits is not None:
-            obs[e : 2 * e] = _softmax(event.gate_logits, e)
+            obs[0:e] = lookahead
+        obs[e : 2 * e] = gate
         for x in event.experts:
             obs[2 * e + x] = 1.0
         obs[3 * e : 4 * e] = self._prev_experts[target]
@@ -304,6 +315,13 @@ class MoEOffloadEnv(gym.Env):
     def current_event(self) -> RouteEvent:
         """The decode event whose decision is pending (what the observation describes)."""
         return self._decode[self._cursor][1]
+
+    def share_sequence_cache(self, other: MoEOffloadEnv) -> None:
+        """Use `other`'s per-sequence caches (routings, decode events, reference hit rates): read-only data of the
+        same trace, so the lanes of a vector env prepare each sequence once, not once per lane."""
+        if other.trace is not self.trace or other.capacity != self.capacity:
+            raise ValueError("only envs over the same trace and capacity can share their sequence caches")
+        self._routings, self._references = other._routings, other._references
 
     def _sequence(self, index: int) -> tuple[list[LayerRouting], list[tuple[LayerRouting, RouteEvent]]]:
         if index not in self._routings:

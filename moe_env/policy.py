@@ -126,6 +126,9 @@ class Policy:
     #: True when eviction scores of different layers are comparable (one clock or one scale for all layers), so
     #: the policy can pick a victim in a pool shared by every layer.
     ranks_across_layers: bool = False
+    #: True when ``reset`` clears all state that decisions depend on, so the sequences of a cold replay run apart
+    #: and merge exactly (moe_env.sweep shards such runs by sequence). Default False: always safe.
+    independent_sequences: bool = False
     name: str = "policy"
 
     def reset(self, spec: ModelSpec, capacity: int) -> None:
@@ -164,6 +167,7 @@ class CombinedPolicy(Policy):
         self.name = f"{evict.name}+{prefetcher.name}"
         self.needs_future = evict.needs_future or prefetcher.needs_future
         self.ranks_across_layers = evict.ranks_across_layers
+        self.independent_sequences = evict.independent_sequences and prefetcher.independent_sequences
 
     def reset(self, spec: ModelSpec, capacity: int) -> None:
         super().reset(spec, capacity)

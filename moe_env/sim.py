@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from bisect import bisect_right
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import numpy as np
 
@@ -162,6 +162,44 @@ class SimResult:
         return asdict(self)
 
 
+@dataclass
+class SimTally:
+    """The additive form of a replay over some sequences: integer counters and one float per sequence.
+
+    Cold sequences replay independently (the cache starts empty), so replays of disjoint shards of a trace merge
+    into exactly the replay of the whole: counters add, and each time total is ``math.fsum`` of its per-sequence
+    values (correctly rounded: neither shard boundaries nor merge order change a bit). Ratios (hit rate,
+    precision, stall per token) are derived from the sums, in ``result`` only.
+    """
+
+    counters: Counters = field(default_factory=Counters)
+    decode_tokens: int = 0
+    stall_s: list[float] = field(default_factory=list)  # per sequence (per stream when warm)
+    prefill_stall_s: list[float] = field(default_factory=list)
+    decode_time_s: list[float] = field(default_factory=list)
+
+    def add_sequence(self, stall_s: float, prefill_stall_s: float, decode_time_s: float) -> None:
+        self.stall_s.append(stall_s)
+        self.prefill_stall_s.append(prefill_stall_s)
+        self.decode_time_s.append(decode_time_s)
+
+    @classmethod
+    def merge(cls, tallies: Sequence[SimTally]) -> SimTally:
+        total = cls()
+        for tally in tallies:
+            for f in fields(Counters):
+                setattr(total.counters, f.name, getattr(total.counters, f.name) + getattr(tally.counters, f.name))
+            total.decode_tokens += tally.decode_tokens
+            total.stall_s += tally.stall_s
+            total.prefill_stall_s += tally.prefill_stall_s
+            total.decode_time_s += tally.decode_time_s
+        return total
+
+    def result(self, policy: str, allocation: Allocation, profile: str, warm: bool, prefill: str) -> SimResult:
+        return _result(policy, allocation, profile, self.counters, self.decode_tokens, math.fsum(self.stall_s),
+                       math.fsum(self.prefill_stall_s), math.fsum(self.decode_time_s), warm, prefill)  # fmt: skip
+
+
 def model_spec(meta: TraceMeta, expert_bytes: int | None = None) -> ModelSpec:
     return ModelSpec(
         num_layers=meta.num_layers,
@@ -242,9 +280,9 @@ class Replayer:
         self._expert_s = cost.expert_compute_s
         self._layer_s = cost.layer_compute_s
         self._decode_tokens = 0
-        self._stall_s = 0.0
-        self._prefill_stall_s = 0.0
-        self._decode_time_s = 0.0
+        self._sequence_times: list[tuple[float, float, float]] = []  # (stall, prefill stall, decode time) each
+        self._stall_s = self._prefill_stall_s = self._decode_time_s = 0.0  # of the sequence being replayed
+        self._replaying = False
         self._begin_timeline()
 
     def _begin_timeline(self) -> None:
@@ -269,9 +307,16 @@ class Replayer:
                 oracle = self._warm_oracle(sequence)
             else:
                 oracle = TraceOracle(sequence, self.meta.num_layers, self.meta.num_experts, self.cache)
+        self._close_sequence()
         self.cache.begin_sequence(warm=self.warm)
         self.cache.oracle = oracle
         self._begin_timeline()
+
+    def _close_sequence(self) -> None:
+        if self._replaying:
+            self._sequence_times.append((self._stall_s, self._prefill_stall_s, self._decode_time_s))
+            self._stall_s = self._prefill_stall_s = self._decode_time_s = 0.0
+            self._replaying = False
 
     def _warm_oracle(self, sequence: SequenceTrace) -> TraceOracle:
         stream = self._stream
@@ -288,6 +333,7 @@ class Replayer:
 
     def process(self, routing: LayerRouting) -> LayerOutcome:
         """Route one layer's forward pass through the cache and advance the timeline."""
+        self._replaying = True
         if routing.step != self._last_step:
             self._last_step = routing.step
             if routing.step >= 0:
@@ -344,20 +390,19 @@ class Replayer:
             plans=plans,
         )
 
+    def tally(self) -> SimTally:
+        """Close the accounting (unused prefetches become wasted) and return the additive metrics so far."""
+        self._close_sequence()
+        self.cache.finish()
+        tally = SimTally(replace(self.cache.counters), self._decode_tokens)
+        for times in self._sequence_times:
+            tally.add_sequence(*times)
+        return tally
+
     def finish(self) -> SimResult:
         """Close the accounting (unused prefetches become wasted) and return the metrics so far."""
-        self.cache.finish()
-        return _result(
-            self.policy.name,
-            self.cache,
-            self.cost.name,
-            self.cache.counters,
-            self._decode_tokens,
-            self._stall_s,
-            self._prefill_stall_s,
-            self._decode_time_s,
-            self.warm,
-        )
+        return self.tally().result(self.policy.name, self.cache.allocation, self.cost.name, self.warm,
+                                   self.cache.prefill)  # fmt: skip
 
 
 def _result(
@@ -425,17 +470,40 @@ def simulate(
     """
     cost = cost_model_for(trace.meta, profile)
     built = build_policy(policy, prefetch)
-    kernel = type(built).__dict__.get("replay_kernel")  # declared by the class itself, never inherited
+    tally = replay(trace, built, capacity, cost, fast=fast, prefill=prefill, warm=warm)
+    return tally.result(built.name, as_allocation(trace.meta, capacity), cost.name, warm, prefill)
+
+
+def as_allocation(meta: TraceMeta, capacity: int | Allocation) -> Allocation:
+    if isinstance(capacity, Allocation):
+        return capacity
+    return Allocation.uniform(meta.num_layers, meta.num_experts, capacity)
+
+
+def replay(
+    trace: Trace,
+    policy: Policy,
+    capacity: int | Allocation,
+    cost: CostModel,
+    sequences: Sequence[int] | None = None,
+    fast: bool = True,
+    prefill: str = "chunked",
+    warm: bool = False,
+) -> SimTally:
+    """The additive tally of replaying `sequences` (indices into trace.sequences; all by default) through a built
+    policy: ``simulate`` is one call over everything; moe_env.sweep merges cold shards of it."""
+    chosen = trace.sequences if sequences is None else [trace.sequences[i] for i in sequences]
+    kernel = type(policy).__dict__.get("replay_kernel")  # declared by the class itself, never inherited
     if fast and kernel in KERNELS and prefill == "chunked":
-        return _fast_simulate(trace, built, kernel, capacity, cost, warm)
-    replayer = Replayer(trace.meta, built, capacity, cost, prefill=prefill, warm=warm)
+        return _fast_replay(trace.meta, chosen, policy, kernel, capacity, cost, warm)
+    replayer = Replayer(trace.meta, policy, capacity, cost, prefill=prefill, warm=warm)
     if warm:
-        replayer.begin_stream(trace.sequences)
-    for sequence in trace.sequences:
+        replayer.begin_stream(chosen)
+    for sequence in chosen:
         replayer.begin_sequence(sequence)
         for routing in sequence.routings():
             replayer.process(routing)
-    return replayer.finish()
+    return replayer.tally()
 
 
 def event_time(hits: Sequence[int], copy_s: float, expert_s: float) -> tuple[float, float]:
@@ -453,15 +521,17 @@ def event_time(hits: Sequence[int], copy_s: float, expert_s: float) -> tuple[flo
     return stall, t
 
 
-def _fast_simulate(
-    trace: Trace, policy: Policy, kernel_name: str, capacity: int | Allocation, cost: CostModel, warm: bool
-) -> SimResult:
-    meta = trace.meta
+def _fast_replay(
+    meta: TraceMeta,
+    sequences: Sequence[SequenceTrace],
+    policy: Policy,
+    kernel_name: str,
+    capacity: int | Allocation,
+    cost: CostModel,
+    warm: bool,
+) -> SimTally:
     check_capacity(meta, capacity)
-    if isinstance(capacity, Allocation):
-        allocation = capacity
-    else:
-        allocation = Allocation.uniform(meta.num_layers, meta.num_experts, capacity)
+    allocation = as_allocation(meta, capacity)
     if allocation.shared and not policy.ranks_across_layers:
         raise UsageError(
             f"policy {policy.name!r} does not rank victims across layers: use allocation uniform or profile"
@@ -470,44 +540,49 @@ def _fast_simulate(
     weights = 1 << np.arange(k)
     patterns = [event_time([(code >> j) & 1 for j in range(k)], copy_s, expert_s) for code in range(1 << k)]
     pattern_stall, pattern_time = (np.array(x) for x in zip(*patterns, strict=True))
-    tally = _Tally()
-    tokens = cells = 0
-    for sequence in trace.sequences:
-        present = sequence.experts[:, :, 0] >= 0
-        tokens += int(present.any(axis=1).sum())
-        cells += int(present.sum())
+    result = SimTally()
+    c = result.counters
     # independent caches: one per layer (per-layer pools) or one for all layers (shared); cold: per sequence too
-    groups = [[seq] for seq in trace.sequences] if not warm else [trace.sequences]
-    for sequences in groups:
+    groups = [[seq] for seq in sequences] if not warm else [list(sequences)]
+    for group in groups:
+        tally = _Tally()
+        cells = 0
+        for sequence in group:
+            present = sequence.experts[:, :, 0] >= 0
+            result.decode_tokens += int(present.any(axis=1).sum())
+            cells += int(present.sum())
         if allocation.shared:
-            events, segments = stream_events(sequences, allocation, FIRST_TOKENS)
+            events, segments = stream_events(group, allocation, FIRST_TOKENS)
             flags = bytearray()
             tally.evictions += SHARED_KERNELS[kernel_name](
                 events, allocation.total_slots, meta.num_layers * meta.num_experts, flags
             )
             tally.add(events, flags, segments, k, copy_s, expert_s)
-            continue
-        for layer in range(meta.num_layers):
-            slots = allocation.layer_slots(layer)
-            events, segments = [], []
-            for seq in sequences:
-                prefill, decode = layer_events(seq, layer, slots)
-                segments.append((len(prefill), len(decode), int((seq.experts[:FIRST_TOKENS, layer, 0] >= 0).sum())))
-                events += prefill + decode
-            flags = bytearray()
-            tally.evictions += KERNELS[kernel_name](events, slots, meta.num_experts, flags)
-            tally.add(events, flags, segments, k, copy_s, expert_s)
-    decode_flags = np.frombuffer(bytes(tally.decode_flags), dtype=np.uint8).reshape(-1, k)
-    counts = np.bincount(decode_flags @ weights, minlength=1 << k)
-    stall = float(counts @ pattern_stall)
-    decode_time = float(counts @ pattern_time) + cells * layer_s
-    hits = int(decode_flags.sum())
-    counters = Counters(
-        hits, decode_flags.size - hits, tally.prefill_hits, tally.prefill_misses, 0, 0, 0, tally.evictions
-    )
-    counters.first_hits, counters.first_misses = tally.first_hits, tally.first_misses
-    counters.bytes_moved = (counters.misses + counters.prefill_misses) * cost.expert_bytes
-    return _result(policy.name, allocation, cost.name, counters, tokens, stall, tally.prefill_stall, decode_time, warm)
+        else:
+            for layer in range(meta.num_layers):
+                slots = allocation.layer_slots(layer)
+                events, segments = [], []
+                for seq in group:
+                    prefill, decode = layer_events(seq, layer, slots)
+                    segments.append((len(prefill), len(decode), int((seq.experts[:FIRST_TOKENS, layer, 0] >= 0).sum())))
+                    events += prefill + decode
+                flags = bytearray()
+                tally.evictions += KERNELS[kernel_name](events, slots, meta.num_experts, flags)
+                tally.add(events, flags, segments, k, copy_s, expert_s)
+        decode_flags = np.frombuffer(bytes(tally.decode_flags), dtype=np.uint8).reshape(-1, k)
+        counts = np.bincount(decode_flags @ weights, minlength=1 << k)
+        hits = int(decode_flags.sum())
+        c.hits += hits
+        c.misses += decode_flags.size - hits
+        c.prefill_hits += tally.prefill_hits
+        c.prefill_misses += tally.prefill_misses
+        c.first_hits += tally.first_hits
+        c.first_misses += tally.first_misses
+        c.evictions += tally.evictions
+        result.add_sequence(float(counts @ pattern_stall), tally.prefill_stall,
+                            float(counts @ pattern_time) + cells * layer_s)  # fmt: skip
+    c.bytes_moved = (c.misses + c.prefill_misses) * cost.expert_bytes
+    return result
 
 
 class _Tally:

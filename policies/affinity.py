@@ -37,8 +37,11 @@ class AffinityPrefetch(Policy):
             return
         prev = self._previous
         if prev is not None and prev[0] == event.step and prev[1] == event.layer - 1:
-            rows = np.asarray(prev[2])
-            self._counts[prev[1]][np.ix_(rows, np.asarray(event.experts))] += 1.0
+            counts = self._counts[prev[1]]
+            for row in prev[2]:  # k x k distinct cells: plain loops cost less than np.ix_ for a handful
+                line = counts[row]
+                for column in event.experts:
+                    line[column] += 1.0
         self._previous = (event.step, event.layer, event.experts)
 
     def conditional(self, layer: int) -> np.ndarray:
@@ -50,6 +53,7 @@ class AffinityPrefetch(Policy):
         if event.prefill or event.layer + 1 >= self.spec.num_layers:
             return ()
         k = min(self.k or self.spec.top_k, cache.capacity)
-        scores = self.conditional(event.layer)[list(event.experts)].mean(axis=0)
+        rows = self._counts[event.layer][list(event.experts)]  # conditional() of the event's rows only
+        scores = (rows / rows.sum(axis=1, keepdims=True)).mean(axis=0)
         top = np.argsort(-scores, kind="stable")[:k]
         return [(event.layer + 1, int(e)) for e in top]

@@ -12,6 +12,7 @@ from moe_env.policy import CacheView, Policy
 
 
 class BeladyPolicy(Policy):
+    independent_sequences = True  # nothing it decides by survives reset()
     name = "belady"
     ranks_across_layers = True  # accesses until the next use, on the one cache clock
     replay_kernel = "belady"  # moe_env.sim_kernels reproduces this scorer exactly (demand-only runs)

@@ -8,6 +8,7 @@ from moe_env.policy import CacheView, Policy
 
 
 class FIFOPolicy(Policy):
+    independent_sequences = True  # nothing it decides by survives reset()
     name = "fifo"
     ranks_across_layers = True  # load time on the cache clock
     replay_kernel = "fifo"  # moe_env.sim_kernels reproduces this scorer exactly (demand-only runs)

@@ -12,6 +12,7 @@ from moe_env.policy import CacheView, Policy
 
 
 class LFUPolicy(Policy):
+    independent_sequences = True  # nothing it decides by survives reset()
     name = "lfu"
     ranks_across_layers = True  # use counts: every layer is accessed top-k times per token
     replay_kernel = "lfu"  # moe_env.sim_kernels reproduces this scorer exactly (demand-only runs)

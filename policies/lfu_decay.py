@@ -18,6 +18,7 @@ from moe_env.policy import CacheView, ModelSpec, Policy, RouteEvent
 
 
 class LFUDecayPolicy(Policy):
+    independent_sequences = True  # nothing it decides by survives reset()
     name = "lfu-decay"
     ranks_across_layers = True  # per-layer decay, but every layer is accessed top-k times per token
 

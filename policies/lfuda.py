@@ -16,6 +16,7 @@ from moe_env.policy import CacheView, ModelSpec, Policy, RouteEvent
 
 
 class LFUDAPolicy(Policy):
+    independent_sequences = True  # nothing it decides by survives reset()
     name = "lfuda"
 
     def reset(self, spec: ModelSpec, capacity: int) -> None:

@@ -14,6 +14,7 @@ from moe_env.policy import CacheView, Policy, RouteEvent
 
 
 class LookaheadPrefetch(Policy):
+    independent_sequences = True  # nothing it decides by survives reset()
     prefetch_only = True
     name = "lookahead"
 

@@ -8,6 +8,7 @@ from moe_env.policy import CacheView, Policy
 
 
 class LRUPolicy(Policy):
+    independent_sequences = True  # nothing it decides by survives reset()
     name = "lru"
     ranks_across_layers = True  # last use on the cache clock, one clock for all layers
     replay_kernel = "lru"  # moe_env.sim_kernels reproduces this scorer exactly (demand-only runs)

@@ -12,6 +12,7 @@ from moe_env.policy import CacheView, Policy, RouteEvent
 
 
 class OraclePrefetch(Policy):
+    independent_sequences = True  # nothing it decides by survives reset()
     prefetch_only = True
     needs_future = True
     name = "oracle"

@@ -3,8 +3,11 @@
     python train/ppo.py                         # builtin:tiny-mixtral/train, eval on builtin:tiny-mixtral/eval
     python train/ppo.py --traces T.jsonl#0 --eval-traces T.jsonl#1 --profile consumer-pcie4:mixtral-8x7b-4bit
     python train/ppo.py --run-dir runs/x --resume   # continue after Ctrl-C
+    python train/ppo.py --n-envs 4                  # rollouts from 4 env worker processes (SubprocVecEnv)
+    python train/ppo.py --tune train/configs/tune-ppo.json   # Ray Tune (ASHA) sweep; needs moe-env[ray]
 
-Library code: agents/ppo.py (policy, plug-in), agents/ppo_train.py (training), agents/evaluate.py (table).
+Library code: agents/ppo.py (policy, plug-in), agents/ppo_train.py (training), agents/evaluate.py (table),
+agents/tune.py (the sweep).
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
     p.add_argument("--json", action="store_true", help="print the final comparison as JSON rows")
     p.add_argument("--ship", default=None, help="copy the best policy here, with a .json of its run and results")
+    p.add_argument("--n-envs", type=int, default=None, help="env worker processes for rollouts (SubprocVecEnv)")
+    p.add_argument("--tune", default=None, help="hyperparameter sweep (Ray Tune, ASHA) from a search-space JSON")
     return p.parse_args(argv)
 
 
@@ -61,6 +66,10 @@ def load_config(args: argparse.Namespace) -> PPOConfig:
     for key, value in overrides.items():
         if value is not None:
             setattr(config, key, value)
+    if args.n_envs is not None:
+        if args.n_envs < 1:
+            raise UsageError(f"--n-envs must be at least 1, got {args.n_envs}")
+        config.n_envs, config.vec_env = args.n_envs, "subproc"
     return config
 
 
@@ -77,12 +86,25 @@ def ship(best: Path, target: Path, run_dir: Path, rows: list) -> None:
     target.with_suffix(".json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
 
 
+def tune_main(args: argparse.Namespace, config: PPOConfig, train_trace, model: str) -> int:
+    from moe_env.agents.tune import load_tune_config, run_tune
+
+    tune_config = load_tune_config(args.tune)
+    run_dir = Path(args.run_dir or f"runs/tune-{model}-{time.strftime('%Y%m%d-%H%M%S')}")
+    train_part, validation = split_validation(train_trace)
+    best = run_tune(tune_config, config, train_part, validation, run_dir)
+    print(json.dumps(best, indent=1) if args.json else best["summary"])
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         config = load_config(args)
         train_trace, eval_trace = load_traces(args.traces), load_traces(args.eval_traces)
         model = train_trace.meta.model
+        if args.tune:
+            return tune_main(args, config, train_trace, model)
         run_dir = Path(args.run_dir or f"runs/ppo-{model}-{time.strftime('%Y%m%d-%H%M%S')}")
         if args.resume and not args.run_dir:
             raise UsageError("--resume needs --run-dir")

@@ -20,7 +20,8 @@ from moe_env.cache import PREFILL_MODES
 from moe_env.errors import UsageError
 from moe_env.outputs import check_writable_dir
 from moe_env.policy import check_policy_spec, make_policy
-from moe_env.sim import SimResult, check_capacity, cost_model_for, simulate
+from moe_env.sim import SimResult, check_capacity, cost_model_for
+from moe_env.sweep import Cell, Runner, Sweep, check_runner_options, make_runner
 from moe_env.trace import Trace, load_trace
 
 BASELINES = ("lru", "belady")
@@ -49,6 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reference-slots", type=int, default=None, help="budget for memory at equal hit rate")
     parser.add_argument("--json", action="store_true", help="print a JSON list of rows instead of the table")
     parser.add_argument("--plots", default=None, help="write PNG plots into this directory (default: no plots)")
+    parser.add_argument("--workers", type=int, default=None, help="run cells as tasks on a local Ray with N CPUs")
+    parser.add_argument("--ray-address", default=None, help="run cells as tasks on the Ray cluster at ADDR")
 
 
 def split_specs(values: list[str] | None) -> list[str]:
@@ -118,21 +121,25 @@ class IsoHitRate:
 
 
 class Bench:
-    """Memoised simulations of one trace: (policy, prefetch, slots) -> SimResult."""
+    """Memoised simulations of one trace: (policy, prefetch, slots) -> SimResult, computed by a moe_env.sweep
+    Runner (serial, or Ray tasks: the same rows)."""
 
-    def __init__(self, label: str, trace: Trace, profile: str | None):
+    def __init__(self, label: str, trace: Trace, profile: str | None, runner: Runner | None = None):
         self.label = label
         self.trace = trace
         self.cost = cost_model_for(trace.meta, profile)
-        self._results: dict[tuple[str, str, int], SimResult] = {}
+        self.sweep = Sweep(trace, self.cost, runner)
 
     def result(self, policy: str, prefetch: str, slots: int) -> SimResult:
-        key = (policy, prefetch, slots)
-        if key not in self._results:
-            self._results[key] = simulate(
-                self.trace, policy, slots, self.cost, None if prefetch == "none" else prefetch
-            )
-        return self._results[key]
+        return self.sweep.result(Cell(policy, prefetch, slots))
+
+    def compute(self, keys: list[tuple[str, str, int]]) -> None:
+        """Compute these (policy, prefetch, slots) in one parallel batch (a no-op for known ones)."""
+        self.sweep.compute(Cell(*key) for key in keys)
+
+    def lookahead_width(self, policy: str, prefetch: str) -> int:
+        """How many slot counts a search computes at once: a cell cut into shards already fills the workers."""
+        return 1 if self.sweep.shardable(Cell(policy, prefetch, 0)) else self.sweep.runner.parallelism
 
     def row(self, policy: str, prefetch: str, slots: int) -> Row:
         result = self.result(policy, prefetch, slots)
@@ -155,12 +162,25 @@ class Bench:
                 return result.hit_rate >= lru.hit_rate
             return result.stall_s_per_token <= lru.stall_s_per_token
 
+        width = self.lookahead_width(policy, prefetch)
+
+        def batch(candidates: range) -> None:  # serial: width 1, exactly the cells the search asks for
+            self.compute([(policy, prefetch, s) for s in candidates[:width]])
+
         needed: int | None = reference
         if meets(reference):
-            while needed > meta.top_k and meets(needed - 1):
+            while needed > meta.top_k:
+                batch(range(needed - 1, meta.top_k - 1, -1))
+                if not meets(needed - 1):
+                    break
                 needed -= 1
         else:
-            needed = next((s for s in range(reference + 1, meta.num_experts + 1) if meets(s)), None)
+            needed = None
+            for s in range(reference + 1, meta.num_experts + 1):
+                batch(range(s, meta.num_experts + 1))
+                if meets(s):
+                    needed = s
+                    break
         saved = None if needed is None else (reference - needed) * meta.num_layers * self.cost.expert_bytes
         return IsoHitRate(self.label, policy, prefetch, reference, lru.hit_rate, needed, saved)
 
@@ -194,6 +214,7 @@ def run(args: argparse.Namespace) -> int:
         check_policy_spec(spec, role="prefetch")
         if spec != "none":
             make_policy(spec)
+    check_runner_options(args.workers, args.ray_address)
     plots_dir = None if args.plots is None else check_writable_dir(args.plots, "--plots")
     traces = [(spec, load_trace(spec)) for spec in args.trace]
     reference = args.reference_slots if args.reference_slots is not None else slots[len(slots) // 2]
@@ -205,11 +226,16 @@ def run(args: argparse.Namespace) -> int:
     rows: list[Row] = []
     iso: list[IsoHitRate] = []
     benches: list[Bench] = []
-    for spec, trace in traces:
-        bench = Bench(spec, trace, args.profile)
-        benches.append(bench)
-        rows += [bench.row(p, f, s) for s in slots for p, f in combos]
-        iso += [bench.iso_hit_rate(p, f, reference) for p, f in combos]
+    runner = make_runner(args.workers, args.ray_address)
+    try:
+        for spec, trace in traces:
+            bench = Bench(spec, trace, args.profile, runner)
+            benches.append(bench)
+            bench.compute([(p, f, s) for s in slots for p, f in [*((b, "none") for b in BASELINES), *combos]])
+            rows += [bench.row(p, f, s) for s in slots for p, f in combos]
+            iso += [bench.iso_hit_rate(p, f, reference) for p, f in combos]
+    finally:
+        runner.close()
     if args.json:
         print(json.dumps([row.as_dict() for row in rows], indent=1))
     else:

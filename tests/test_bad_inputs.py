@@ -426,7 +426,7 @@ CASES = [
     Case("info-empty-jsonl", "trace-info {empty_jsonl}", "no routing records"),
     Case("info-builtin-unknown", "trace-info builtin:nosuch", "no built-in trace 'nosuch'"),
     Case("info-builtin-split", "trace-info builtin:tiny-mixtral/test", "unknown split 'test'"),
-    Case("info-dir", "trace-info .", "not a file"),
+    Case("info-dir", "trace-info .", "no .csv files in this directory"),
     # convert (inputs; the importer's own checks are tested with it)
     Case("conv-missing", "convert nosuch.jsonl --out new.npz", "no such input file"),
     Case("conv-experts-0", "convert {repeat_jsonl} --out new.npz --num-experts 0", "--num-experts must be >= 1"),

@@ -262,8 +262,8 @@ def _immutable(directory: Path) -> bool:
 @pytest.fixture
 def workdir(tmp_path, monkeypatch, tmp_path_factory):
     """The case's working directory (cwd): a regular file `file.txt`, an existing output `out.npz`, and an
-    immutable directory `ro` where the filesystem supports it. HOME points to a shared scratch directory (the
-    expert store cache lives there, outside what the cases check)."""
+    immutable directory `ro` and file `locked.npz` where the filesystem supports it. HOME points to a shared
+    scratch directory (the expert store cache lives there, outside what the cases check)."""
     home = tmp_path_factory.getbasetemp() / "home"
     home.mkdir(exist_ok=True)
     monkeypatch.setenv("HOME", str(home))
@@ -271,10 +271,14 @@ def workdir(tmp_path, monkeypatch, tmp_path_factory):
     (tmp_path / "out.npz").write_bytes(b"previous output")
     ro = tmp_path / "ro"
     has_ro = _immutable(ro)
+    locked = tmp_path / "locked.npz"  # an existing output that cannot be replaced
+    locked.write_bytes(b"previous locked output")
+    if has_ro:
+        subprocess.run(["chattr", "+i", str(locked)], check=True)
     monkeypatch.chdir(tmp_path)
     yield tmp_path, has_ro
     if has_ro:
-        subprocess.run(["chattr", "-i", str(ro)], check=True)
+        subprocess.run(["chattr", "-i", str(ro), str(locked)], check=True)
 
 
 def _snapshot(root: Path) -> dict[str, bytes | None]:
@@ -346,6 +350,7 @@ CASES = [
     Case("rec-out-dir", "record --prompts builtin:eval --out .", "is a directory; give a file path"),
     Case("rec-out-under-file", "record --prompts builtin:eval --out file.txt/t.npz", "file.txt is a file"),
     Case("rec-out-ro", "record --prompts builtin:eval --out ro/t.npz", "cannot write in", needs="ro"),
+    Case("rec-out-locked", "record --prompts builtin:eval --out locked.npz", "cannot be replaced", needs="ro"),
     Case("rec-out-ro-deep", "record --prompts builtin:eval --out ro/a/b/t.npz", "cannot write in", needs="ro"),
     Case("rec-tokens-0", "record --out new.npz --max-new-tokens 0", "--max-new-tokens must be >= 1"),
     Case("rec-limit-0", "record --out new.npz --limit 0", "--limit must be >= 1"),
@@ -421,7 +426,7 @@ CASES = [
     Case("info-empty-jsonl", "trace-info {empty_jsonl}", "no routing records"),
     Case("info-builtin-unknown", "trace-info builtin:nosuch", "no built-in trace 'nosuch'"),
     Case("info-builtin-split", "trace-info builtin:tiny-mixtral/test", "unknown split 'test'"),
-    Case("info-dir", "trace-info .", "not a file"),
+    Case("info-dir", "trace-info .", "no .csv files in this directory"),
     # convert (inputs; the importer's own checks are tested with it)
     Case("conv-missing", "convert nosuch.jsonl --out new.npz", "no such input file"),
     Case("conv-experts-0", "convert {repeat_jsonl} --out new.npz --num-experts 0", "--num-experts must be >= 1"),

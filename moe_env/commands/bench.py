@@ -39,8 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warm", action="store_true", help="with --cache-budget: replay the trace as one request "
                         "stream through one cache (default: each sequence starts empty)")  # fmt: skip
     parser.add_argument("--prefill", default="chunked", choices=PREFILL_MODES, help="with --cache-budget: prefill mode")
-    parser.add_argument("--reference-budget", default=None,
-                        help="with --cache-budget: budget of memory at equal hit rate (default: middle)")  # fmt: skip
+    parser.add_argument("--reference-budget", default=None, help="with --cache-budget: budget of memory at "
+                        "equal hit rate (default: the middle one; none: no search)")  # fmt: skip
     parser.add_argument(
         "--prefetch", default="none", help="prefetchers to cross with the policies, e.g. none,lookahead"
     )
@@ -323,7 +323,7 @@ def run_budgets(args: argparse.Namespace, policies: list[str], prefetchers: list
     budgets = [piece.strip() for piece in args.cache_budget.split(",") if piece.strip()]
     if not budgets:
         raise UsageError(f"--cache-budget is empty; give {BUDGET_SYNTAX}")
-    for budget in [*budgets, *([args.reference_budget] if args.reference_budget else [])]:
+    for budget in [*budgets, *([args.reference_budget] if args.reference_budget not in (None, "none") else [])]:
         parse_budget(budget)
     allocations = given_specs([args.allocation] if args.allocation else None, "--allocation", ["uniform"])
     if args.plots is not None:
@@ -346,8 +346,10 @@ def run_budgets(args: argparse.Namespace, policies: list[str], prefetchers: list
     iso: list[IsoBytes] = []
     for bench in benches:
         totals = [bench.total_slots(b) for b in budgets]
-        reference = bench.total_slots(args.reference_budget) if args.reference_budget else totals[len(totals) // 2]
         rows += [bench.row(p, f, a, t) for t in totals for p, f, a in combos]
+        if args.reference_budget == "none":
+            continue  # no search for memory at equal hit rate (slow policies: a table at the budgets only)
+        reference = bench.total_slots(args.reference_budget) if args.reference_budget else totals[len(totals) // 2]
         iso += [bench.iso_bytes(p, f, a, reference) for p, f, a in combos]
     if args.json:
         print(json.dumps({"rows": [r.as_dict() for r in rows], "memory_at_equal_hit_rate": [i.as_dict() for i in iso]},

@@ -308,8 +308,8 @@ class Replayer:
             else:
                 oracle = TraceOracle(sequence, self.meta.num_layers, self.meta.num_experts, self.cache)
         self._close_sequence()
+        self.cache.oracle = oracle  # before begin_sequence: a policy may read the future as the sequence starts
         self.cache.begin_sequence(warm=self.warm)
-        self.cache.oracle = oracle
         self._begin_timeline()
 
     def _close_sequence(self) -> None:

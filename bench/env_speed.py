@@ -112,6 +112,9 @@ def vector_rows(trace, args: argparse.Namespace, profile: str | None, action: np
         rates, cpus = [], []
         try:
             vector.reset(seed=0)
+            warm = sum(s.num_steps for s in trace.sequences) * trace.meta.num_layers  # every sequence prepared once,
+            for _ in range(0, warm, num_envs):  # as the single env's rows get by cycling through the sequences
+                vector.step(actions)
             for _ in range(args.repeats):
                 steps, start, cpu = 0, time.perf_counter(), time.process_time()
                 while steps < args.min_steps:

@@ -87,7 +87,8 @@ def _describe(expected: Any) -> str:
     if expected is type(None):
         return "null"
     if origin is list:
-        return f"a list of {_describe(typing.get_args(expected)[0])}s"
+        plural = {int: "integers", float: "numbers", str: "strings"}
+        return f"a list of {plural.get(typing.get_args(expected)[0], 'values')}"
     if origin is dict:
         return "a JSON object"
     names = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+from pathlib import Path
 from typing import Any
 
 from moe_env.commands.bench import Bench, Row, print_table
@@ -64,3 +66,13 @@ def json_safe(value: Any) -> Any:
 def json_text(value: Any) -> str:
     """Strict JSON (allow_nan=False) of `value`, undefined metrics as null."""
     return json.dumps(json_safe(value), indent=1, allow_nan=False, default=str)
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    """A results file written to a temp name and renamed: readers see the old file or the new one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -140,6 +140,8 @@ def save_model(model: PPO, run_dir: Path) -> None:
     Both are written to a temp file and renamed, so a kill leaves the previous checkpoint whole."""
     directory = run_dir / "checkpoints"
     directory.mkdir(parents=True, exist_ok=True)
+    for stale in directory.glob(".*.zip.tmp"):  # left by a run killed while writing
+        stale.unlink(missing_ok=True)
     path = directory / f"step-{model.num_timesteps:09d}.zip"
     _atomic(path, model.save)
     _atomic(directory / "last.zip", lambda tmp: shutil.copyfile(path, tmp))

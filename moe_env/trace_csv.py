@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from moe_env.errors import TraceFormatError
-from moe_env.import_progress import byte_progress
+from moe_env.import_progress import byte_progress, file_size
 from moe_env.known_models import resolve_shape
 from moe_env.trace import SequenceTrace, Trace, TraceMeta, validate_trace
 
@@ -89,7 +89,7 @@ def import_csv_routing(path: str | os.PathLike, model_name: str | None = None, n
     with byte_progress(files, f"import {path.name}") as advance:
         for file in files:
             tables.append(_read_table(file))
-            advance(file)
+            advance(file_size(file))
     rows = _Rows(files, tables)
     for column in COLUMNS:
         nulls = rows.column(column).is_null().to_numpy(zero_copy_only=False)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ from moe_env.trace import SequenceTrace, Trace, TraceMeta, validate_trace
 
 JSONL_FORMAT = "convert:jsonl-routing"
 REQUIRED = ("problem_id", "layer", "experts")
+BLOCK_BYTES = 8 << 20
 
 
 @dataclass
@@ -58,8 +60,7 @@ def import_jsonl_routing(
     field, else unnamed ("": identity by shape only), never the file name."""
     path = Path(path)
     with byte_progress([path], f"import {path.name}") as advance:
-        records = _read_fast(path, num_experts) or _read_slow(path, num_experts)
-        advance(path)
+        records = _read_fast(path, num_experts, advance) or _read_slow(path, num_experts)
     if len(records.models) > 1:
         raise TraceFormatError(f"{path}: records name several models {records.models}; pass --model-name")
     name = model_name or (records.models[0] if records.models else "")
@@ -82,10 +83,17 @@ def import_jsonl_routing(
 # ------------------------------------------------------------------------------------------------ fast path
 
 
-def _read_fast(path: Path, num_experts: int | None) -> _Records | None:
+def _read_fast(
+    path: Path, num_experts: int | None, advance: Callable[[int], object] = lambda _: None
+) -> _Records | None:
     """Column-wise read and checks; None whenever anything is off (the slow path then names the line)."""
     try:
-        table = pajson.read_json(path)
+        reader = pajson.open_json(path, read_options=pajson.ReadOptions(block_size=BLOCK_BYTES))
+        batches = []
+        for batch in reader:  # streamed in blocks, so the progress bar moves
+            batches.append(batch)
+            advance(BLOCK_BYTES)
+        table = pa.Table.from_batches(batches, schema=reader.schema)
     except OSError as exc:
         raise TraceFormatError(f"{path}: cannot read ({exc.strerror or exc})") from None
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
@@ -285,28 +293,31 @@ def _sequences(records: _Records, num_layers: int, path: Path) -> list[SequenceT
     prompt_len = _prompt_lengths(records, order, group_start, group_of, rank, path, num_layers)
     is_prompt = rank < prompt_len[group_of]
     step = rank - prompt_len[group_of]
+    # sorted once: each problem's rows are one contiguous slice (the key sorts by problem first)
+    layers, experts_all = records.layer[order], records.experts[order]
+    probs_all = None if records.probs is None else records.probs[order]
+    bounds = np.searchsorted(sorted_key, np.arange(len(records.problem_ids) + 1) * num_layers)
     k = records.experts.shape[1]
     sequences = []
     for p, prompt_id in enumerate(records.problem_ids):
-        mine = records.problem[order] == p
-        decode = mine & ~is_prompt
-        prefill = mine & is_prompt
-        steps = int(step[decode].max()) + 1 if decode.any() else 0
-        layers = records.layer[order]
+        rows = slice(bounds[p], bounds[p + 1])
+        prompt, lay, st, rk, ex = is_prompt[rows], layers[rows], step[rows], rank[rows], experts_all[rows]
+        decode = ~prompt
+        steps = int(st[decode].max()) + 1 if decode.any() else 0
         experts = np.full((steps, num_layers, k), -1, dtype=np.int16)
-        experts[step[decode], layers[decode]] = records.experts[order][decode]
+        experts[st[decode], lay[decode]] = ex[decode]
         weights = None
-        if records.probs is not None:
+        if probs_all is not None:
             weights = np.full((steps, num_layers, k), np.nan, dtype=np.float32)  # NaN in absent cells
-            weights[step[decode], layers[decode]] = records.probs[order][decode]
+            weights[st[decode], lay[decode]] = probs_all[rows][decode]
         seq = SequenceTrace(experts=experts, weights=weights, prompt_id=prompt_id)
-        if prefill.any():
-            length = int(rank[prefill].max()) + 1
+        if prompt.any():
+            length = int(rk[prompt].max()) + 1
             seq.prefill_experts = np.zeros((length, num_layers, k), dtype=np.int16)
-            seq.prefill_experts[rank[prefill], layers[prefill]] = records.experts[order][prefill]
-            if records.probs is not None:
+            seq.prefill_experts[rk[prompt], lay[prompt]] = ex[prompt]
+            if probs_all is not None:
                 seq.prefill_weights = np.zeros((length, num_layers, k), dtype=np.float32)
-                seq.prefill_weights[rank[prefill], layers[prefill]] = records.probs[order][prefill]
+                seq.prefill_weights[rk[prompt], lay[prompt]] = probs_all[rows][prompt]
         sequences.append(seq)
     return sequences
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import shutil
 import sys
@@ -26,9 +27,9 @@ from pathlib import Path
 
 from moe_env.agents.checkpoint import check_model, spec_dict
 from moe_env.agents.configs import load_config
-from moe_env.agents.evaluate import compare, json_text, report
+from moe_env.agents.evaluate import compare, json_text, report, write_text_atomically
 from moe_env.agents.ppo import PPOConfig
-from moe_env.agents.ppo_train import resolve_prior, train_ppo, write_run_files
+from moe_env.agents.ppo_train import resolve_prior, resume_checkpoint, train_ppo, write_run_files
 from moe_env.agents.traces import Splits, make_splits
 
 from moe_env.env import default_capacity
@@ -79,14 +80,16 @@ def load_run_config(args: argparse.Namespace) -> PPOConfig:
 def ship(best: Path, target: Path, run_dir: Path, rows: list) -> None:
     """The policy-only file plus a JSON of its run (config, command, validation pick) and eval results."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(best, target)
+    staging = target.with_name(f".{target.name}.tmp")
+    shutil.copyfile(best, staging)
+    os.replace(staging, target)
     summary = {
         "config": json.loads((run_dir / "config.json").read_text()),
         "commands": (run_dir / "command.txt").read_text().strip().splitlines(),
         "best_on_validation": json.loads((run_dir / "best.json").read_text()),
         "eval_rows": [row.as_dict() for row in rows],
     }
-    target.with_suffix(".json").write_text(json_text(summary) + "\n")
+    write_text_atomically(target.with_suffix(".json"), json_text(summary) + "\n")
 
 
 def tune_main(args: argparse.Namespace, config: PPOConfig, splits: Splits) -> int:
@@ -122,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
         check_model(trained_for, model_spec(splits.evaluation.meta), "--eval-traces")
         run_dir = Path(args.run_dir or f"runs/ppo-{meta.model or 'unnamed'}-{time.strftime('%Y%m%d-%H%M%S')}")
         check_writable_dir(run_dir, "--run-dir")
+        if args.resume:
+            resume_checkpoint(run_dir, lambda _: None)  # refuse now, not after writing the run files
         resolve_prior(config, meta, log)
         command = shlex.join([sys.executable, *sys.argv])
         specs = {"traces": args.traces, "eval_traces": args.eval_traces, "validation_traces": args.validation_traces}

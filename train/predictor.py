@@ -14,6 +14,7 @@ runs/predictor-<model>.pt) usable as ``--policy predictor:OUT``; library code in
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 from dataclasses import asdict
@@ -22,7 +23,7 @@ from pathlib import Path
 import torch
 from moe_env.agents.checkpoint import check_model, spec_dict
 from moe_env.agents.configs import load_config
-from moe_env.agents.evaluate import compare, json_safe, json_text, report
+from moe_env.agents.evaluate import compare, json_safe, json_text, report, write_text_atomically
 from moe_env.agents.predictor import (
     PredictorConfig,
     calibrate,
@@ -82,8 +83,11 @@ def main(argv: list[str] | None = None) -> int:
         log(f"{len(train_samples.features)} training decisions, {len(eval_samples.features)} eval decisions")
         net = train_predictor(train_samples, config, log=log)
         spec = MoEOffloadEnv(splits.train, capacity=capacity, profile=args.profile, reference_metrics=False).model_spec
-        save_predictor(net, config, spec, capacity, out)
-        threshold, weight = calibrate(out, splits.validation, capacity, args.profile, log=log)
+        # trained and calibrated under a hidden name, then renamed: a kill never leaves OUT half-made or uncalibrated
+        staging = out.with_name(f".{out.name}.training")
+        save_predictor(net, config, spec, capacity, staging)
+        threshold, weight = calibrate(staging, splits.validation, capacity, args.profile, log=log)
+        os.replace(staging, out)
         config.threshold, config.next_weight = threshold, weight
         summary = {
             "config": asdict(config),
@@ -106,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {name:26s} precision {precision}  recall {recall}  ({s['samples']} decisions)")
         report(bench, rows, args.json)
         summary |= {"top_k_prediction": scores, "eval_rows": [row.as_dict() for row in rows]}
-        out.with_suffix(".json").write_text(json_text(summary) + "\n")
+        write_text_atomically(out.with_suffix(".json"), json_text(summary) + "\n")
     except MoeEnvError as exc:
         print(f"train/predictor.py: error: {exc}", file=sys.stderr)
         return 2

@@ -74,3 +74,21 @@ def test_json_text_never_prints_nan() -> None:
 def test_lookahead_rows_only_for_traces_with_lookahead_logits() -> None:
     assert all(prefetch != "lookahead" for _, prefetch in heuristics_for(_trace(2)))
     assert heuristics_for(_trace(2, lookahead=True)) == HEURISTICS
+
+
+def test_default_ppo_prior_needs_no_shipped_predictor_for_other_models() -> None:
+    """Workflow break 2: the default config's predictor prior exists only for tiny-mixtral; elsewhere the run uses
+    the features prior and says how to get a predictor prior, before training."""
+    from moe_env.agents.ppo import PPOConfig
+    from moe_env.agents.ppo_train import resolve_prior
+
+    notes: list[str] = []
+    config = PPOConfig(prior="predictor")
+    resolve_prior(config, TraceMeta("deepseek-v2-lite", 26, 64, 6, "test"), notes.append)
+    assert config.prior == "features" and len(notes) == 1 and "--prior-predictor" in notes[0]
+    config = PPOConfig(prior="predictor")
+    resolve_prior(config, TraceMeta("tiny-mixtral", 4, 8, 2, "test"), notes.append)
+    assert config.prior == "predictor" and len(notes) == 1  # its predictor ships: kept, nothing said
+    with pytest.raises(UsageError, match="no such file"):
+        resolve_prior(PPOConfig(prior="predictor", prior_predictor="/nonexistent.pt"), TraceMeta("x", 1, 4, 2, "t"),
+                      notes.append)  # fmt: skip

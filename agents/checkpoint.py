@@ -34,24 +34,31 @@ class PolicyCheckpoint:
 
     def check_spec(self, spec: ModelSpec, where: str) -> None:
         """Refuse a model whose routing problem differs from the one the policy was trained on."""
-        want = (self.model["num_layers"], self.model["num_experts"], self.model["top_k"])
-        have = (spec.num_layers, spec.num_experts, spec.top_k)
-        if want != have:
-            raise CheckpointError(
-                f"{where}: trained for {self.model['name'] or 'a model'} with (layers, experts, top-k) = {want}, "
-                f"but this model has {have}"
-            )
-        trained, running = _short_name(self.model.get("name", "")), _short_name(spec.name)
-        if trained and running and trained != running:
-            raise CheckpointError(f"{where}: trained for model {trained!r}, not for {running!r}")
+        check_model(self.model, spec, where)
 
 
-def _short_name(name: str) -> str:
-    return Path(str(name).rstrip("/")).name if name else ""
+def check_model(trained: dict[str, Any], spec: ModelSpec, where: str) -> None:
+    """A model's identity is its shape plus its name where both sides know it (never a log's file name): two logs
+    of one model are compatible. Training scripts call this before training, so a run is never lost to it."""
+    want = (trained["num_layers"], trained["num_experts"], trained["top_k"])
+    have = (spec.num_layers, spec.num_experts, spec.top_k)
+    if want != have:
+        raise CheckpointError(
+            f"{where}: trained for {trained.get('name') or 'a model'} with (layers, experts, top-k) = {want}, "
+            f"but this model has {have}"
+        )
+    named, running = model_identity(trained.get("name", "")), model_identity(spec.name)
+    if named and running and named != running:
+        raise CheckpointError(f"{where}: trained for model {named!r}, not for {running!r}")
+
+
+def model_identity(name: str) -> str:
+    """The comparable form of a model name: a model directory's base name, lower-case ("" = unknown)."""
+    return Path(str(name).rstrip("/")).name.lower() if name else ""
 
 
 def spec_dict(spec: ModelSpec) -> dict[str, Any]:
-    return {"name": _short_name(spec.name), "num_layers": spec.num_layers, "num_experts": spec.num_experts,
+    return {"name": model_identity(spec.name), "num_layers": spec.num_layers, "num_experts": spec.num_experts,
             "top_k": spec.top_k}  # fmt: skip
 
 

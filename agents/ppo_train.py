@@ -10,8 +10,10 @@ token on the validation traces (moe_env.agents.traces.split_validation): the eva
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
+import zipfile
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -31,9 +33,25 @@ from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv
 from moe_env.env import MoEOffloadEnv, default_capacity
 from moe_env.errors import UsageError
 from moe_env.sim import cost_model_for, simulate
-from moe_env.trace import Trace
+from moe_env.trace import Trace, TraceMeta
 
 INFO_KEYS = ("hit_rate", "stall_s", "gap_captured")
+
+
+def resolve_prior(config: PPOConfig, meta: TraceMeta, log: Callable[[str], None]) -> None:
+    """Before training: a "predictor" prior without --prior-predictor needs the predictor shipped for this model;
+    where none ships, the run uses the "features" prior and says so (and how to train a predictor)."""
+    if config.prior != "predictor" or config.prior_predictor:
+        if config.prior_predictor and not Path(config.prior_predictor).is_file():
+            raise UsageError(f"--prior-predictor {config.prior_predictor}: no such file")
+        return
+    shipped = shipped_policy_path("predictor", meta.model)
+    if not shipped.is_file():
+        config.prior = "features"
+        log(
+            f"note: no predictor ships for model {meta.model or '(unnamed)'}: using the 'features' prior; for a "
+            "predictor prior, train one (python train/predictor.py --traces T --out P.pt), then --prior-predictor P.pt"
+        )
 
 
 def build_prior(config: PPOConfig, trace: Trace, capacity: int) -> ScorePrior:
@@ -118,12 +136,15 @@ class EvalCallback(BaseCallback):
 
 
 def save_model(model: PPO, run_dir: Path) -> None:
-    """The full SB3 model for --resume: checkpoints/step-N.zip and checkpoints/last.zip (keeps the newest 3)."""
+    """The full SB3 model for --resume: checkpoints/step-N.zip and checkpoints/last.zip (keeps the newest 3).
+    Both are written to a temp file and renamed, so a kill leaves the previous checkpoint whole."""
     directory = run_dir / "checkpoints"
     directory.mkdir(parents=True, exist_ok=True)
+    for stale in directory.glob(".*.zip.tmp"):  # left by a run killed while writing
+        stale.unlink(missing_ok=True)
     path = directory / f"step-{model.num_timesteps:09d}.zip"
-    model.save(path)
-    shutil.copyfile(path, directory / "last.zip")
+    _atomic(path, model.save)
+    _atomic(directory / "last.zip", lambda tmp: shutil.copyfile(path, tmp))
     for old in sorted(directory.glob("step-*.zip"))[:-3]:
         old.unlink()
 
@@ -146,6 +167,40 @@ def _single_threaded(build: Callable[[], gym.Env]) -> Callable[[], gym.Env]:
     return build_in_worker
 
 
+def _atomic(path: Path, write: Callable[[Path], object]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        write(tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def resume_checkpoint(run_dir: Path, log: Callable[[str], None]) -> Path:
+    """checkpoints/last.zip if it is an intact zip, else the newest intact step-*.zip (with a one-line warning)."""
+    directory = run_dir / "checkpoints"
+    last = directory / "last.zip"
+    if _intact(last):
+        return last
+    for candidate in sorted(directory.glob("step-*.zip"), reverse=True):
+        if _intact(candidate):
+            state = "torn" if last.exists() else "missing"
+            log(f"warning: {last} is {state}; resuming from {candidate.name}, the newest intact checkpoint")
+            return candidate
+    raise UsageError(f"--resume: no intact checkpoint in {directory} (start the run again without --resume)")
+
+
+def _intact(path: Path) -> bool:
+    """A zip whose every member reads back with its CRC (what a torn or truncated write breaks)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip() is None
+    except (OSError, zipfile.BadZipFile, EOFError, ValueError):
+        return False
+
+
 def train_ppo(config: PPOConfig, train_trace: Trace, validation: Trace, run_dir: Path, resume: bool = False,
               log: Callable[[str], None] = print, on_eval: Callable[[dict], None] | None = None,
               make_replay_env: Callable[..., gym.Env] = MoEOffloadEnv) -> Path:  # fmt: skip
@@ -158,7 +213,7 @@ def train_ppo(config: PPOConfig, train_trace: Trace, validation: Trace, run_dir:
         raise UsageError("training and validation traces come from models of different shapes")
     torch.set_num_threads(config.torch_threads)
     meta = train_trace.meta
-    capacity = config.capacity or default_capacity(meta.num_experts, meta.top_k)
+    capacity = default_capacity(meta.num_experts, meta.top_k) if config.capacity is None else config.capacity
     prior = build_prior(config, train_trace, capacity)
     cost = cost_model_for(meta, config.profile)
 
@@ -171,11 +226,8 @@ def train_ppo(config: PPOConfig, train_trace: Trace, validation: Trace, run_dir:
 
     venv = make_vec_env(config, [make_env(i) for i in range(config.n_envs)])
     venv.seed(config.seed)
-    last = run_dir / "checkpoints" / "last.zip"
     if resume:
-        if not last.is_file():
-            raise UsageError(f"--resume: no checkpoint at {last}")
-        model = PPO.load(last, env=venv, device="cpu")
+        model = PPO.load(resume_checkpoint(run_dir, log), env=venv, device="cpu")
         log(f"resuming {run_dir} at {model.num_timesteps} timesteps")
     else:
         model = PPO(

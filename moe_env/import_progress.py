@@ -17,16 +17,15 @@ def show_progress(total_bytes: int) -> bool:
 
 
 @contextlib.contextmanager
-def byte_progress(files: Sequence[Path], label: str) -> Iterator[Callable[[Path], None]]:
-    """Yields ``advance(file)``: call it after each file is parsed."""
-    sizes = {file: _size(file) for file in files}
-    total = sum(sizes.values())
+def byte_progress(files: Sequence[Path], label: str) -> Iterator[Callable[[int], None]]:
+    """Yields ``advance(nbytes)``: call it as input is parsed (``file_size(file)`` after a whole file)."""
+    total = sum(file_size(file) for file in files)
     with tqdm(total=total, desc=label, unit="B", unit_scale=True, file=sys.stderr, leave=False,
               disable=not show_progress(total)) as bar:  # fmt: skip
-        yield lambda file: bar.update(sizes.get(file, 0))
+        yield lambda nbytes: bar.update(min(nbytes, total - bar.n))
 
 
-def _size(path: Path) -> int:
+def file_size(path: Path) -> int:
     try:
         return path.stat().st_size
     except OSError:

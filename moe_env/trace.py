@@ -1,4 +1,4 @@
-"""Expert activation traces: the in-memory contract, the versioned file format, the recorder, the JSONL importer.
+"""Expert activation traces: the in-memory contract, the versioned file format, the recorder, trace specs.
 
 A ``Trace`` holds ``TraceMeta`` and a list of ``SequenceTrace``. Per sequence, decode arrays are indexed
 [step, layer, ...]; prefill arrays [prompt_token, layer, ...]. A cell whose experts are all -1 is absent (the
@@ -415,6 +415,8 @@ def _load_unselected(text: str, builtin_dir: Path | None) -> Trace:
 
         return import_csv_routing(path)
     if path.suffix == ".jsonl":
+        from moe_env.trace_jsonl import import_jsonl_routing
+
         return import_jsonl_routing(path)
     return read_trace_file(path)
 
@@ -562,103 +564,3 @@ def _last_rows(routings: list[LayerRouting], name: str, num_experts: int) -> np.
         if row is not None:
             out[layer] = np.asarray(row)[-1]
     return out
-
-
-# ------------------------------------------------------------------------------------------------ JSONL import
-
-
-def import_jsonl_routing(
-    path: str | os.PathLike, model_name: str | None = None, num_experts: int | None = None
-) -> Trace:
-    """Import a JSONL routing log (one record a line: problem_id, layer, experts, gating_probs[, token_idx,
-    dataset]). One sequence per problem_id, each layer's records in file order; layers with fewer records are
-    padded at the end with absent cells. Logits are absent (None): the log does not have them."""
-    path = Path(path)
-    per_sequence: dict[Any, dict[int, list[tuple[list[int], list[float]]]]] = {}
-    top_k: int | None = None
-    datasets: set[str] = set()
-    try:
-        handle = path.open(encoding="utf-8")
-    except OSError as exc:
-        raise TraceFormatError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    with handle:
-        for lineno, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            record = _parse_record(line, f"{path}:{lineno}")
-            experts, probs = record["experts"], record["gating_probs"]
-            if top_k is None:
-                top_k = len(experts)
-            elif len(experts) != top_k:
-                raise TraceFormatError(f"{path}:{lineno}: {len(experts)} experts, earlier records had {top_k}")
-            if num_experts is not None and max(experts) >= num_experts:
-                raise TraceFormatError(f"{path}:{lineno}: expert {max(experts)} >= --num-experts {num_experts}")
-            if isinstance(record.get("dataset"), str):
-                datasets.add(record["dataset"])
-            layers = per_sequence.setdefault(record["problem_id"], {})
-            layers.setdefault(record["layer"], []).append((experts, probs))
-    if top_k is None:
-        raise TraceFormatError(f"{path}: no routing records (empty file)")
-    num_layers = 1 + max(layer for layers in per_sequence.values() for layer in layers)
-    seen_experts = 1 + max(max(e) for layers in per_sequence.values() for cells in layers.values() for e, _ in cells)
-    num_experts = num_experts or seen_experts
-    if top_k > num_experts:
-        raise TraceFormatError(f"{path}: top-{top_k} routing over {num_experts} experts; pass --num-experts")
-    meta = TraceMeta(
-        model=model_name or path.stem,
-        num_layers=num_layers,
-        num_experts=num_experts,
-        top_k=top_k,
-        source="convert:jsonl-routing",
-        extra={"source_file": path.name} | ({"dataset": ",".join(sorted(datasets))} if datasets else {}),
-    )
-    sequences = [_sequence_from_records(str(pid), layers, num_layers, top_k) for pid, layers in per_sequence.items()]
-    trace = Trace(meta, sequences)
-    validate_trace(trace, str(path))
-    return trace
-
-
-def _parse_record(line: str, where: str) -> dict[str, Any]:
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise TraceFormatError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-    if not isinstance(record, dict):
-        raise TraceFormatError(f"{where}: expected a JSON object")
-    missing = [key for key in ("problem_id", "layer", "experts", "gating_probs") if key not in record]
-    if missing:
-        raise TraceFormatError(f"{where}: missing field(s) {', '.join(missing)}")
-    pid, layer, experts, probs = (record[key] for key in ("problem_id", "layer", "experts", "gating_probs"))
-    if not isinstance(pid, int | str) or isinstance(pid, bool):
-        raise TraceFormatError(f"{where}: problem_id must be an integer or a string")
-    if not _is_int(layer) or layer < 0:
-        raise TraceFormatError(f"{where}: layer must be a non-negative integer, got {layer!r}")
-    if not isinstance(experts, list) or not experts or not all(_is_int(e) and e >= 0 for e in experts):
-        raise TraceFormatError(f"{where}: experts must be a non-empty list of non-negative integers")
-    if len(set(experts)) != len(experts):
-        raise TraceFormatError(f"{where}: experts {experts} repeat an expert")
-    if (
-        not isinstance(probs, list)
-        or len(probs) != len(experts)
-        or not all(isinstance(p, int | float) and not isinstance(p, bool) and 0 <= p <= 1 for p in probs)
-    ):
-        raise TraceFormatError(f"{where}: gating_probs must be {len(experts)} numbers in [0, 1]")
-    if "token_idx" in record and not _is_int(record["token_idx"]):
-        raise TraceFormatError(f"{where}: token_idx must be an integer")
-    return record
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _sequence_from_records(
-    prompt_id: str, layers: dict[int, list[tuple[list[int], list[float]]]], num_layers: int, top_k: int
-) -> SequenceTrace:
-    steps = max(len(cells) for cells in layers.values())
-    experts = np.full((steps, num_layers, top_k), -1, dtype=np.int16)
-    weights = np.full((steps, num_layers, top_k), np.nan, dtype=np.float32)  # NaN in absent cells
-    for layer, cells in layers.items():
-        experts[: len(cells), layer] = [e for e, _ in cells]
-        weights[: len(cells), layer] = [p for _, p in cells]
-    return SequenceTrace(experts=experts, weights=weights, prompt_id=prompt_id)

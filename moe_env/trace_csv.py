@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from moe_env.errors import TraceFormatError
-from moe_env.import_progress import byte_progress
+from moe_env.import_progress import byte_progress, file_size
 from moe_env.known_models import resolve_shape
 from moe_env.trace import SequenceTrace, Trace, TraceMeta, validate_trace
 
@@ -33,7 +34,8 @@ _CONVERT = pacsv.ConvertOptions(
     column_types=_COLUMN_TYPES, include_columns=list(COLUMNS), strings_can_be_null=False, null_values=[""]
 )
 _PARSE = pacsv.ParseOptions(newlines_in_values=True)  # a quoted token may hold a raw newline
-_READ = pacsv.ReadOptions(use_threads=False)  # small files: threads cost more than they bring
+_READ = pacsv.ReadOptions(use_threads=False)  # small files: one thread per file, files read in parallel instead
+READ_THREADS = min(8, os.cpu_count() or 1)
 
 
 def csv_files(path: Path) -> list[Path]:
@@ -85,11 +87,11 @@ def import_csv_routing(path: str | os.PathLike, model_name: str | None = None, n
     if not path.exists():
         raise TraceFormatError(f"{path}: no such file or directory")
     files = csv_files(path)
-    tables = []
-    with byte_progress(files, f"import {path.name}") as advance:
-        for file in files:
-            tables.append(_read_table(file))
-            advance(file)
+    with byte_progress(files, f"import {path.name}") as advance, ThreadPoolExecutor(READ_THREADS) as pool:
+        tables = []
+        for file, table in zip(files, pool.map(_read_table, files), strict=True):  # pyarrow releases the GIL
+            tables.append(table)
+            advance(file_size(file))
     rows = _Rows(files, tables)
     for column in COLUMNS:
         nulls = rows.column(column).is_null().to_numpy(zero_copy_only=False)
@@ -100,9 +102,10 @@ def import_csv_routing(path: str | os.PathLike, model_name: str | None = None, n
         row = int(np.flatnonzero(batch != 0)[0])
         raise TraceFormatError(f"{rows.where(row)}: batch number {batch[row]}; only batch 0 (one sequence) is read")
     experts = parse_int_lists(rows.column(COLUMNS[3]), rows.where)
-    if experts.min() < 0 or experts.max() > np.iinfo(np.int16).max:
+    if experts.max() > np.iinfo(np.int16).max:
         row = int(np.flatnonzero((experts > np.iinfo(np.int16).max).any(axis=1))[0])
         raise TraceFormatError(f"{rows.where(row)}: expert id {experts[row].max()} does not fit the trace format")
+    experts = experts.astype(np.int16)  # smaller arrays for the checks and the reshapes below
     _refuse_repeats(experts, rows.where)
     tokens = pc.dictionary_encode(rows.column(COLUMNS[2]))
     vocab_unsorted = tokens.dictionary.to_pylist()

@@ -57,8 +57,8 @@ def test_convert_small_log(small_log: Path, tmp_path: Path, capsys) -> None:
     trace = read_trace_file(out)
     meta = trace.meta
     assert (meta.model, meta.source, meta.num_layers, meta.num_experts, meta.top_k) == (
-        "toy-routing", "convert:jsonl-routing", 2, 8, 2
-    )  # fmt: skip
+        "", "convert:jsonl-routing", 2, 8, 2
+    )  # fmt: skip  # unnamed: the model is never the file's name
     assert meta.extra["dataset"] == "toy"
     first, second = trace.sequences
     assert (first.prompt_id, second.prompt_id) == ("0", "1")
@@ -81,7 +81,8 @@ def test_convert_defaults_model_name_and_experts(small_log: Path, tmp_path: Path
     [
         ("{not json", "not valid JSON"),
         ('["a list"]', "expected a JSON object"),
-        ('{"problem_id": 0, "layer": 0, "experts": [1, 2]}', "missing field(s) gating_probs"),
+        ('{"problem_id": 0, "layer": 0, "experts": [1, 2]}', "gating_probs missing here but not on earlier records"),
+        ('{"problem_id": 0, "experts": [1, 2]}', "missing field(s) layer"),
         (_record(0, 0, [1, 2, 3], [0.5, 0.25, 0.25]), "3 experts, earlier records had 2"),
         (_record(0, -1, [1, 2], [0.5, 0.5]), "layer must be a non-negative integer"),
         (_record(0, 0, [1, 1], [0.5, 0.5]), "experts [1, 1] repeat an expert"),

@@ -1,12 +1,16 @@
 """Train a PPO expert-cache policy on traces and compare it with the heuristics on held-out traces.
 
     python train/ppo.py                         # builtin:tiny-mixtral/train, eval on builtin:tiny-mixtral/eval
-    python train/ppo.py --traces T.jsonl#0 --eval-traces T.jsonl#1 --profile consumer-pcie4:mixtral-8x7b-4bit
-    python train/ppo.py --run-dir runs/x --resume   # continue after Ctrl-C
+    python train/ppo.py --traces ../shared/traces/dsv2lite-puffin#id=1-900 --profile consumer-pcie4:deepseek-v2-lite
+    python train/ppo.py --traces T.jsonl#0 --validation-traces T.jsonl#1 --eval-traces T2.jsonl
+    python train/ppo.py --run-dir runs/x --resume   # continue after Ctrl-C or a kill
     python train/ppo.py --n-envs 4                  # rollouts from 4 env worker processes (SubprocVecEnv)
     python train/ppo.py --tune train/configs/tune-ppo.json   # Ray Tune (ASHA) sweep; needs moe-env[ray]
 
-Library code: agents/ppo.py (policy, plug-in), agents/ppo_train.py (training), agents/evaluate.py (table),
+Splits are by sequence (moe_env.agents.traces.make_splits): without --eval-traces the last 10% of the training
+sequences are held out, without --validation-traces the last 20% of the rest validate; overlaps are refused.
+Everything that can be checked before training is: config types and ranges, the cache size, output paths, that
+the policy will run on the eval traces' model. Library code: agents/ppo.py, agents/ppo_train.py, agents/evaluate.py,
 agents/tune.py (the sweep).
 """
 
@@ -14,28 +18,36 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import shutil
 import sys
 import time
 from pathlib import Path
 
-from moe_env.agents.evaluate import compare, report
+from moe_env.agents.checkpoint import check_model, spec_dict
+from moe_env.agents.configs import load_config
+from moe_env.agents.evaluate import compare, json_text, report, write_text_atomically
 from moe_env.agents.ppo import PPOConfig
-from moe_env.agents.ppo_train import train_ppo, write_run_files
-from moe_env.agents.traces import load_traces, split_validation
+from moe_env.agents.ppo_train import resolve_prior, resume_checkpoint, train_ppo, write_run_files
+from moe_env.agents.traces import Splits, make_splits
 
 from moe_env.env import default_capacity
 from moe_env.errors import MoeEnvError, UsageError
+from moe_env.outputs import check_writable_dir, check_writable_file
+from moe_env.sim import check_capacity, model_spec
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "ppo.json"
+POSITIVE = ("total_timesteps", "n_envs", "n_steps", "batch_size", "n_epochs", "learning_rate", "eval_every",
+            "torch_threads")  # fmt: skip
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default=str(DEFAULT_CONFIG), help="PPO config JSON (moe_env.agents.ppo.PPOConfig)")
-    p.add_argument("--traces", default="builtin:tiny-mixtral/train", help="training traces (spec[#i,j])")
-    p.add_argument("--eval-traces", default="builtin:tiny-mixtral/eval", help="held-out traces (spec[#i,j])")
+    p.add_argument("--traces", default=None, help="training traces, spec[#selection] (default: tiny-mixtral train)")
+    p.add_argument("--eval-traces", default=None, help="held-out traces (default: the last 10%% of --traces)")
+    p.add_argument("--validation-traces", default=None, help="model selection (default: last 20%% of training)")
     p.add_argument("--total-timesteps", type=int, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--capacity", type=int, default=None, help="cache slots per layer (default: half the experts)")
@@ -51,21 +63,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def load_config(args: argparse.Namespace) -> PPOConfig:
+def load_run_config(args: argparse.Namespace) -> PPOConfig:
     path = Path(args.config)
     if args.resume and args.run_dir and (Path(args.run_dir) / "config.json").is_file():
         path = Path(args.run_dir) / "config.json"
-    try:
-        values = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UsageError(f"cannot read config {path}: {exc}") from None
-    values = {k: v for k, v in values.items() if k not in ("traces", "eval_traces")}
-    config = PPOConfig.from_dict(values)
     overrides = {"total_timesteps": args.total_timesteps, "seed": args.seed, "capacity": args.capacity,
                  "profile": args.profile, "prior": args.prior, "prior_predictor": args.prior_predictor}  # fmt: skip
-    for key, value in overrides.items():
-        if value is not None:
-            setattr(config, key, value)
+    config = load_config(PPOConfig, path, overrides, POSITIVE, ignore=("traces", "eval_traces", "validation_traces"))
     if args.n_envs is not None:
         if args.n_envs < 1:
             raise UsageError(f"--n-envs must be at least 1, got {args.n_envs}")
@@ -76,50 +80,62 @@ def load_config(args: argparse.Namespace) -> PPOConfig:
 def ship(best: Path, target: Path, run_dir: Path, rows: list) -> None:
     """The policy-only file plus a JSON of its run (config, command, validation pick) and eval results."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(best, target)
+    staging = target.with_name(f".{target.name}.tmp")
+    shutil.copyfile(best, staging)
+    os.replace(staging, target)
     summary = {
         "config": json.loads((run_dir / "config.json").read_text()),
         "commands": (run_dir / "command.txt").read_text().strip().splitlines(),
         "best_on_validation": json.loads((run_dir / "best.json").read_text()),
         "eval_rows": [row.as_dict() for row in rows],
     }
-    target.with_suffix(".json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
+    write_text_atomically(target.with_suffix(".json"), json_text(summary) + "\n")
 
 
-def tune_main(args: argparse.Namespace, config: PPOConfig, train_trace, model: str) -> int:
+def tune_main(args: argparse.Namespace, config: PPOConfig, splits: Splits) -> int:
     from moe_env.agents.tune import load_tune_config, run_tune
 
     tune_config = load_tune_config(args.tune)
+    model = splits.train.meta.model or "unnamed"
     run_dir = Path(args.run_dir or f"runs/tune-{model}-{time.strftime('%Y%m%d-%H%M%S')}")
-    train_part, validation = split_validation(train_trace)
-    best = run_tune(tune_config, config, train_part, validation, run_dir)
+    best = run_tune(tune_config, config, splits.train, splits.validation, run_dir)
     print(json.dumps(best, indent=1) if args.json else best["summary"])
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    log = (lambda msg: print(msg, file=sys.stderr)) if args.json else print
     try:
-        config = load_config(args)
-        train_trace, eval_trace = load_traces(args.traces), load_traces(args.eval_traces)
-        model = train_trace.meta.model
-        if args.tune:
-            return tune_main(args, config, train_trace, model)
-        run_dir = Path(args.run_dir or f"runs/ppo-{model}-{time.strftime('%Y%m%d-%H%M%S')}")
         if args.resume and not args.run_dir:
             raise UsageError("--resume needs --run-dir")
+        config = load_run_config(args)
+        if args.ship:
+            check_writable_file(args.ship, "--ship")
+            check_writable_file(Path(args.ship).with_suffix(".json"), "--ship")
+        splits = make_splits(args.traces, args.eval_traces, args.validation_traces)
+        if args.tune:
+            return tune_main(args, config, splits)
+        meta = splits.train.meta
+        capacity = default_capacity(meta.num_experts, meta.top_k) if config.capacity is None else config.capacity
+        for trace in (splits.train, splits.validation, splits.evaluation):
+            check_capacity(trace.meta, capacity)
+        trained_for = spec_dict(model_spec(meta))
+        check_model(trained_for, model_spec(splits.validation.meta), "--validation-traces")
+        check_model(trained_for, model_spec(splits.evaluation.meta), "--eval-traces")
+        run_dir = Path(args.run_dir or f"runs/ppo-{meta.model or 'unnamed'}-{time.strftime('%Y%m%d-%H%M%S')}")
+        check_writable_dir(run_dir, "--run-dir")
+        if args.resume:
+            resume_checkpoint(run_dir, lambda _: None)  # refuse now, not after writing the run files
+        resolve_prior(config, meta, log)
         command = shlex.join([sys.executable, *sys.argv])
-        write_run_files(run_dir, config, {"traces": args.traces, "eval_traces": args.eval_traces}, command)
-        log = (lambda msg: print(msg, file=sys.stderr)) if args.json else print
-        log(f"run {run_dir}: {config.total_timesteps} timesteps on {args.traces}, eval on {args.eval_traces}")
-        train_part, validation = split_validation(train_trace)
-        log(
-            f"{len(train_part.sequences)} training sequences, {len(validation.sequences)} for validation"
-            f"{' (the same: fewer than 5)' if validation is train_trace else ''}"
-        )
-        best = train_ppo(config, train_part, validation, run_dir, resume=args.resume, log=log)
-        capacity = config.capacity or default_capacity(eval_trace.meta.num_experts, eval_trace.meta.top_k)
-        bench, rows = compare(args.eval_traces, eval_trace, [f"ppo:{best}"], capacity, config.profile)
+        specs = {"traces": args.traces, "eval_traces": args.eval_traces, "validation_traces": args.validation_traces}
+        write_run_files(run_dir, config, specs, command)
+        log(f"run {run_dir}: {config.total_timesteps} timesteps; {splits.note}")
+        for warning in splits.warnings:
+            log(warning)
+        best = train_ppo(config, splits.train, splits.validation, run_dir, resume=args.resume, log=log)
+        bench, rows = compare(splits.eval_label, splits.evaluation, [f"ppo:{best}"], capacity, config.profile)
         report(bench, rows, args.json)
         if args.ship:
             ship(best, Path(args.ship), run_dir, rows)

@@ -9,8 +9,9 @@ import sys
 from pathlib import Path
 
 from moe_env.errors import UsageError
-from moe_env.trace import Trace, import_jsonl_routing, save_trace
+from moe_env.trace import Trace, save_trace
 from moe_env.trace_csv import import_csv_routing
+from moe_env.trace_jsonl import import_jsonl_routing
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

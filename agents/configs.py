@@ -1,0 +1,95 @@
+"""Config files of the training scripts, checked before any work: every field typed and in range, one-line errors.
+
+``load_config(cls, path, overrides, positive)`` reads a JSON object into the dataclass `cls`: unknown keys, a
+wrongly typed field (``"total_timesteps": "many"``, ``"epochs": "x"``) and a value that must be positive but is not
+(``epochs: 0``, ``--total-timesteps 0``) raise UsageError naming the file, the field and what it takes.
+"""
+
+from __future__ import annotations
+
+import json
+import types
+import typing
+from dataclasses import fields
+from pathlib import Path
+from typing import Any, TypeVar
+
+from moe_env.errors import UsageError
+
+T = TypeVar("T")
+
+
+def load_config(
+    cls: type[T],
+    path: str | Path,
+    overrides: dict[str, Any] | None = None,
+    positive: tuple[str, ...] = (),
+    ignore: tuple[str, ...] = (),
+) -> T:
+    """`cls` from the JSON object in `path`, then `overrides` (command-line values; None = not given) applied.
+    Keys in `ignore` are dropped (run metadata stored next to the config); fields in `positive` must be > 0."""
+    path = Path(path)
+    try:
+        values = json.loads(path.read_text())
+    except OSError as exc:
+        raise UsageError(f"cannot read config {path}: {exc.strerror or exc}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UsageError(f"config {path} is not valid JSON ({exc})") from None
+    if not isinstance(values, dict):
+        raise UsageError(f"config {path} must hold a JSON object of {cls.__name__} fields")
+    values = {k: v for k, v in values.items() if k not in ignore}
+    known = {f.name: f for f in fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise UsageError(f"config {path}: unknown field(s) {', '.join(unknown)} (known: {', '.join(known)})")
+    values |= {k: v for k, v in (overrides or {}).items() if v is not None}
+    hints = typing.get_type_hints(cls)
+    for name, value in values.items():
+        expected = hints[name]
+        if not _matches(value, expected):
+            origin = "the command line" if overrides and overrides.get(name) is not None else f"config {path}"
+            raise UsageError(f"{origin}: {name} must be {_describe(expected)}, got {value!r}")
+    for name in positive:
+        value = values.get(name, getattr(cls, name, None))
+        if value is not None and not value > 0:
+            raise UsageError(f"{name} must be > 0, got {value!r} (nothing would be trained)")
+    return cls(**values)
+
+
+def _matches(value: Any, expected: Any) -> bool:
+    origin = typing.get_origin(expected)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, arm) for arm in typing.get_args(expected))
+    if expected is type(None):
+        return value is None
+    if expected is bool:
+        return isinstance(value, bool)
+    if expected is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if expected is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if expected is str:
+        return isinstance(value, str)
+    if origin is list:
+        (item,) = typing.get_args(expected) or (Any,)
+        return isinstance(value, list) and all(_matches(v, item) for v in value)
+    if origin is dict or expected is dict:
+        return isinstance(value, dict)
+    if expected is Any:
+        return True
+    return isinstance(value, expected)
+
+
+def _describe(expected: Any) -> str:
+    origin = typing.get_origin(expected)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(arm) for arm in typing.get_args(expected))
+    if expected is type(None):
+        return "null"
+    if origin is list:
+        plural = {int: "integers", float: "numbers", str: "strings"}
+        return f"a list of {plural.get(typing.get_args(expected)[0], 'values')}"
+    if origin is dict:
+        return "a JSON object"
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+    return names.get(expected, getattr(expected, "__name__", str(expected)))

@@ -7,11 +7,16 @@ cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/moe-env-wheel.XXXXXX")"
 trap 'rm -rf "$WORK"' EXIT
+START=$SECONDS
+phase() { echo "wheel check: $1 at $((SECONDS - START)) s" >&2; }
 .venv/bin/python -m pip wheel --quiet --no-deps --wheel-dir "$WORK/dist" .
+phase "wheel built"
 "$PYTHON" -m venv "$WORK/venv"
 V="$WORK/venv/bin"
-"$V/python" -m pip install --quiet "torch==2.13.0"
-"$V/python" -m pip install --quiet "$WORK"/dist/moe_env-*.whl
+# --no-compile: byte-compile only what the check imports, not all of torch and transformers
+"$V/python" -m pip install --quiet --no-compile "torch==2.13.0"
+"$V/python" -m pip install --quiet --no-compile "$WORK"/dist/moe_env-*.whl
+phase "installed"
 mkdir "$WORK/run"
 cd "$WORK/run"
 export XDG_CACHE_HOME="$WORK/cache"
@@ -39,3 +44,5 @@ for generic in ("policies", "agents", "accelerate"):
 print("wheel check: gymnasium.make, step and imports ok")
 PY
 test -n "$(ls "$XDG_CACHE_HOME"/moe-env/*/experts.safetensors)"  # the expert store went to the XDG cache
+set +x
+phase "done"

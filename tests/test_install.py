@@ -1,5 +1,5 @@
 """A plain install works: the engine needs no optional package, usage errors come before torch is imported,
-and every command that runs a model takes a valid --threads."""
+and --threads reaches torch (its bad values are in tests/test_bad_inputs.py)."""
 
 from __future__ import annotations
 
@@ -78,18 +78,6 @@ def test_skeleton_buffers_equal_from_pretrained(tmp_path, family):
         assert tensor.is_meta == (".experts." in name), name
         if not tensor.is_meta:
             assert torch.equal(tensor, expected[name]), name
-
-
-@pytest.mark.parametrize("command", ["generate", "record"])
-@pytest.mark.parametrize("value", ["0", "-1", "abc", "1.5", ""])
-def test_bad_thread_counts_are_usage_errors(command, value, capsys, tmp_path):
-    argv = {"generate": ["--prompt", "hi"], "record": ["--out", str(tmp_path / "t.npz")]}[command]
-    with pytest.raises(SystemExit) as exit_info:
-        main([command, *argv, "--threads", value])
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert f"argument --threads: must be an integer >= 1, got {value!r}" in err and "Traceback" not in err
-    assert not (tmp_path / "t.npz").exists()
 
 
 def test_threads_are_applied(capsys, monkeypatch):

@@ -1,9 +1,8 @@
 """The torch CPU thread count of the commands that run a model (``--threads``), and its default.
 
 DEFAULT_THREADS is chosen by measurement (``bench/threads.py``; table in docs/performance.md, "Threads"): torch's
-own default (one thread per physical core) collapses when other processes share the cores, because its worker
-threads wait for each other at every operation, and at batch 1 the embedded models gain little from a second
-thread even on a quiet machine.
+own default (one thread per physical core, 2 here) decoded tiny-mixtral 16-32x slower than one thread on the
+shared 2-core machine, and issue 9 measured one thread faster on a quiet machine too (212 against 164 tok/s).
 """
 
 from __future__ import annotations

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import statistics
 import subprocess
@@ -46,6 +45,7 @@ import torch
 
 from moe_env import peers
 from moe_env.costmodel import CostModel, ExpertProfile, HardwareProfile
+from moe_env.store_cache import cache_root
 
 RESULT_TAG = "PEERS_RESULT "
 MOE_POLICIES = "lru,lfu-decay,lru+lookahead,lfu-decay+lookahead"
@@ -71,7 +71,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--allocation", default="uniform", help="moe-env: uniform or shared (the budget in one pool)")
     p.add_argument("--configs", default="", help="comma-separated subset (resident,accelerate,static,moe-env)")
     p.add_argument("--page-cache", choices=("drop", "keep"), default="drop", help="drop: cold slow tier each forward")
-    p.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/moe-env/peers"))
+    p.add_argument("--cache-dir", default=str(cache_root() / "peers"))  # not a store entry: never pruned
     p.add_argument("--json", action="store_true", help="print the rows as JSON lines")
     p.add_argument("--quick", action="store_true", help="a reduced run in under a minute")
     p.add_argument("--in-process", action="store_true", help="no subprocess per configuration (fast start; peak RSS "

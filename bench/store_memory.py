@@ -16,14 +16,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from moe_env import peers
+from moe_env.store_cache import cache_root
 
-ROOT = Path.home() / ".cache" / "moe-env" / "peers"
+ROOT = cache_root() / "peers"  # bench/peers.py's prepared models (not store entries: never pruned)
 SLOTS = 32  # 0.5x of 64 experts
 PROMPT = list(range(100, 116))
 

@@ -244,11 +244,11 @@ class CheckpointExperts:
 def load_skeleton(directory: Path, dtype: torch.dtype | None = None):
     """The model of `directory` with its routed experts on the meta device and every other weight loaded.
 
-    `dtype` None: the config's dtype (``from_pretrained(dtype="auto")``). Buffers (rotary frequencies) are built on
-    the CPU as usual; only parameters start on meta. Raises CheckpointLayoutError when the checkpoint needs a
-    conversion other than renaming for a non-expert weight (then only ``from_pretrained`` can load it).
+    `dtype` None: the config's dtype (``from_pretrained(dtype="auto")``). The model is built on the meta device
+    (torch's device context, no accelerate), the checkpoint's tensors are assigned and the other buffers computed.
+    Raises CheckpointLayoutError when the checkpoint needs a conversion other than renaming for a non-expert weight
+    (then only ``from_pretrained`` can load it).
     """
-    from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
@@ -261,9 +261,9 @@ def load_skeleton(directory: Path, dtype: torch.dtype | None = None):
         dtype = config.dtype if isinstance(config.dtype, torch.dtype) else getattr(torch, str(config.dtype), None)
         if not isinstance(dtype, torch.dtype):
             dtype = next((i.dtype for i in tensors.values() if i.dtype.is_floating_point), torch.float32)
-    with init_empty_weights(include_buffers=False):
+    with torch.device("meta"):  # as from_pretrained: nothing allocated, no weight initialisation run
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    expected = model.state_dict()  # parameters on meta (with from_pretrained's dtypes), buffers on cpu
+    expected = model.state_dict()  # everything on meta, with from_pretrained's dtypes
     mapping = get_model_conversion_mapping(model)
     renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
     converters = [m for m in mapping if isinstance(m, WeightConverter)]
@@ -291,6 +291,7 @@ def load_skeleton(directory: Path, dtype: torch.dtype | None = None):
     model.load_state_dict(loaded, strict=False, assign=True)
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
+    _compute_buffers(model)
     from moe_env.models import adapter_for
 
     experts = {id(p) for layer in adapter_for(model).layers for p in layer.experts.parameters()}
@@ -298,3 +299,24 @@ def load_skeleton(directory: Path, dtype: torch.dtype | None = None):
     if missing:
         raise CheckpointLayoutError(f"{directory}: the checkpoint lacks {missing[:4]}")
     return model.eval()
+
+
+def _compute_buffers(model) -> None:
+    """Give the buffers the checkpoint did not hold (rotary frequencies) their values, as from_pretrained does.
+
+    from_pretrained materialises them on the CPU and runs the model's weight initialisation, which computes them
+    and skips every tensor flagged ``_is_hf_initialized`` (transformers.initialization); everything loaded is so
+    flagged, and the experts stay on meta, where initialisation allocates nothing.
+    """
+    for tensor in model.state_dict(keep_vars=True).values():
+        if not tensor.is_meta:
+            tensor._is_hf_initialized = True
+    for module in model.modules():
+        for name, buffer in module.named_buffers(recurse=False):
+            if buffer is not None and buffer.is_meta:
+                persistent = name not in module._non_persistent_buffers_set
+                module.register_buffer(name, torch.empty_like(buffer, device="cpu"), persistent=persistent)
+    model.initialize_weights()
+    left = [name for name, buffer in model.named_buffers() if buffer.is_meta]
+    if left:
+        raise CheckpointLayoutError(f"buffers {left[:4]} are still on the meta device after initialisation")

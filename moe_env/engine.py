@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import struct
 import tempfile
 import time
@@ -42,6 +41,7 @@ from moe_env.models import ModelAdapter, adapter_for
 from moe_env.offload import OffloadRuntime, RoutingObserver
 from moe_env.policy import ModelSpec, Policy, build_policy, check_policy_spec
 from moe_env.store import DiskExpertStore, HostExpertStore, Packer, PinnedExpertStore
+from moe_env.store_cache import open_entry
 from moe_env.trace import load_trace
 from moe_env.transfer import link_by_name, make_copy_engine
 
@@ -59,7 +59,7 @@ class EngineConfig:
     link: str = "host"  # CPU only: pace copies to this link profile (moe_env.transfer.LINKS)
     device: str = "cpu"
     dtype: str | None = None  # None: as stored
-    store_dir: str | None = None  # where the CPU expert store is written; default ~/.cache/moe-env/<hash>
+    store_dir: str | None = None  # where the CPU expert store is written; default: moe_env.store_cache
     keep_experts: bool = True  # False: forget every expert after its layer ran (the "no cache" baseline)
     cache_budget: str | None = None  # moe_env.allocation.parse_budget: "6GiB", "0.25", "96" (total slots)
     allocation: str = "uniform"  # uniform, shared or profile:TRACE (moe_env.allocation.build_allocation)
@@ -181,8 +181,13 @@ class OffloadEngine:
             return PinnedExpertStore(adapter, pack)
         if self.config.store_dir is not None:
             directory = Path(self.config.store_dir)
-        elif source_dir is not None:
-            directory = Path(os.path.expanduser("~/.cache/moe-env")) / _store_key(source_dir, adapter)
+        elif source_dir is not None:  # a bounded cache shared across runs (moe_env.store_cache)
+            self._store_entry = open_entry(_store_key(source_dir, adapter), source_dir)
+            try:
+                return DiskExpertStore.write(adapter, self._store_entry.store_path, pack)
+            except BaseException:
+                self._store_entry.close()
+                raise
         else:
             self._tmp = tempfile.TemporaryDirectory(prefix="moe-env-store-")
             directory = Path(self._tmp.name)
@@ -295,6 +300,9 @@ class OffloadEngine:
 
     def close(self) -> None:
         self.runtime.close()
+        entry = getattr(self, "_store_entry", None)
+        if entry is not None:
+            entry.close()
         tmp = getattr(self, "_tmp", None)
         if tmp is not None:
             tmp.cleanup()

@@ -21,6 +21,7 @@ from moe_env.errors import InvalidArgument, UsageError
 from moe_env.policy import CacheView, ModelSpec, Policy, RouteEvent, make_policy
 from moe_env.routing import LayerRouting, route_events
 from moe_env.sim import Replayer, cost_model_for, simulate
+from moe_env.threads import set_threads
 from moe_env.trace import Trace, TraceMeta, load_trace
 
 ENV_ID = "moe_env/MoEOffload-v0"  # registered by moe_env/__init__.py
@@ -249,8 +250,8 @@ class MoEOffloadEnv(gym.Env):
     ``info``: hit_rate, hits, misses, stall_s, tokens so far (decode); the last step adds gap_captured =
     (hit_rate - LRU) / (Belady - LRU) on this sequence (references without prefetch, as in ``moe-env bench``).
 
-    Backends: ``replay`` (this class: a Trace and the cost model); ``live`` (moe_env.env_live, the real engine
-    decoding prompts, same spaces and reward).
+    Backends: ``replay`` (this class: a Trace and the cost model); ``live`` (``LiveMoEOffloadEnv`` below: the real
+    engine decoding prompts, same spaces and reward).
     """
 
     metadata = {"render_modes": []}  # noqa: RUF012 (gymnasium's convention)
@@ -508,7 +509,8 @@ class LiveMoEOffloadEnv(gym.Env):
     point and action semantics are MoEOffloadEnv's. The reward is the cost model's stall for the same plans: a
     lockstep Replayer with an identical ActionPolicy routes the same routings (its counters equal the engine's,
     which the tests check); the engine's own measured metrics (wall-clock stall, tokens/s) arrive in the last
-    ``info`` under ``engine``. Episode: one prompt, ``max_new_tokens`` greedy tokens.
+    ``info`` under ``engine``. Episode: one prompt, ``max_new_tokens`` greedy tokens. ``threads``: torch CPU threads
+    for the decode (process-wide; None leaves torch's setting alone; the commands use moe_env.threads's default).
     """
 
     metadata = {"render_modes": []}  # noqa: RUF012 (gymnasium's convention)
@@ -522,6 +524,7 @@ class LiveMoEOffloadEnv(gym.Env):
         reward: str = "stall",
         profile: str | CostModel | None = None,
         fallback: str = "lru",
+        threads: int | None = None,
     ):
         import queue
 
@@ -535,6 +538,10 @@ class LiveMoEOffloadEnv(gym.Env):
             raise InvalidArgument(
                 f"max_new_tokens must be an integer >= 2 (one decision per token), got {max_new_tokens!r}"
             )
+        if threads is not None:
+            if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+                raise InvalidArgument(f"threads must be an integer >= 1 or None, got {threads!r}")
+            set_threads(threads)
         if isinstance(model, str):
             model, tokenizer, _ = load_model(model, None)
         else:

@@ -16,12 +16,12 @@ from __future__ import annotations
 import json
 import os
 import struct
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from moe_env.atomic import atomic_write
 from moe_env.checkpoint import DTYPE_CODES, pread_into, read_header
 from moe_env.errors import ModelError
 from moe_env.models.base import ExpertShape, ModelAdapter
@@ -102,16 +102,9 @@ class DiskExpertStore(HostExpertStore):
         """
         path = Path(path)
         if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".experts-", suffix=".tmp")
-            try:
-                with os.fdopen(fd, "wb") as handle:
-                    _write_safetensors(handle, adapter.shape, len(adapter.layers), adapter.num_experts,
-                                       adapter.pack_expert if pack is None else pack)  # fmt: skip
-                os.replace(tmp, path)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
+            with atomic_write(path) as handle:
+                _write_safetensors(handle, adapter.shape, len(adapter.layers), adapter.num_experts,
+                                   adapter.pack_expert if pack is None else pack)  # fmt: skip
         return cls(path, adapter.shape, len(adapter.layers), adapter.num_experts)
 
     def read_into(self, layer: int, expert: int, dest: torch.Tensor) -> None:

@@ -11,12 +11,10 @@ refused on read; writes are atomic. Logits and weights are stored as float16, ev
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import os
 import struct
-import tempfile
 import zipfile
 import zlib
 from collections.abc import Iterator, Sequence
@@ -26,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from moe_env.atomic import atomic_write
 from moe_env.embedded import EMBEDDED_MODELS
 from moe_env.errors import TraceFormatError, UsageError
 from moe_env.routing import LayerRouting
@@ -266,33 +265,17 @@ def save_trace(trace: Trace, path: str | os.PathLike) -> Path:
 
 
 def _write_atomically(path: Path, header_bytes: bytes, sequences: list[SequenceTrace]) -> None:
-    """Write to a temp file next to `path`, fsync, then rename over it: readers see the old file or the new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        # mkstemp makes the file private (0600); give it the mode of the file it replaces, else rw-r--r--
-        os.fchmod(fd, path.stat().st_mode & 0o777 if path.exists() else 0o644)
-        with os.fdopen(fd, "wb") as raw:
-            with zipfile.ZipFile(raw, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as archive:
-                archive.writestr("meta.json", header_bytes)
-                for i, seq in enumerate(sequences):
-                    for name, array in _sequence_arrays(seq).items():
-                        buffer = io.BytesIO()
-                        np.lib.format.write_array(buffer, np.ascontiguousarray(array, dtype=_ARRAYS[name][2]))
-                        archive.writestr(_member(i, name), buffer.getvalue())
-            raw.flush()
-            os.fsync(raw.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
-        raise
-    with contextlib.suppress(OSError):  # make the rename durable; not every filesystem allows it
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+    """Readers see the old file or the new one; a killed write's temp file is removed by the next write."""
+    with (
+        atomic_write(path) as raw,
+        zipfile.ZipFile(raw, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as archive,
+    ):
+        archive.writestr("meta.json", header_bytes)
+        for i, seq in enumerate(sequences):
+            for name, array in _sequence_arrays(seq).items():
+                buffer = io.BytesIO()
+                np.lib.format.write_array(buffer, np.ascontiguousarray(array, dtype=_ARRAYS[name][2]))
+                archive.writestr(_member(i, name), buffer.getvalue())
 
 
 _CORRUPT = (zipfile.BadZipFile, zlib.error, EOFError, ValueError, KeyError, struct.error, NotImplementedError)

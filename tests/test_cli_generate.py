@@ -36,7 +36,7 @@ def dense_dir(tmp_path_factory):
 
 
 def test_json_output(model_dir, capsys, tmp_path, monkeypatch):
-    monkeypatch.setenv("HOME", str(tmp_path))  # the expert store cache goes under ~/.cache/moe-env
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / ".cache"))  # the expert store cache goes there
     code = main(
         [
             *("generate", "--model", str(model_dir), "--prompt", "def f(x):", "--max-new-tokens", "5"),
@@ -54,7 +54,7 @@ def test_json_output(model_dir, capsys, tmp_path, monkeypatch):
 
 
 def test_human_output(model_dir, capsys, tmp_path, monkeypatch):
-    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / ".cache"))
     assert main(["generate", "--model", str(model_dir), "--prompt", "hi", "--max-new-tokens", "3"]) == 0
     out = capsys.readouterr().out
     assert "hit_rate" in out and "tokens_per_s" in out
@@ -76,7 +76,7 @@ def test_human_output(model_dir, capsys, tmp_path, monkeypatch):
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(model_dir, capsys, tmp_path, monkeypatch, extra, message):
-    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / ".cache"))
     code = main(["generate", "--model", str(model_dir), "--prompt", "hi", "--max-new-tokens", "2", *extra])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2

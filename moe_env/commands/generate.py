@@ -5,15 +5,17 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-
-import torch
-from tqdm import tqdm
+from typing import TYPE_CHECKING
 
 from moe_env.allocation import BUDGET_SYNTAX
 from moe_env.cache import PREFILL_MODES
-from moe_env.engine import DEFAULT_MODEL, EngineConfig, GenerationResult, OffloadEngine
+from moe_env.embedded import DEFAULT_MODEL
 from moe_env.errors import UsageError
-from moe_env.transfer import LINKS
+from moe_env.links import LINKS
+from moe_env.threads import add_threads_argument, set_threads
+
+if TYPE_CHECKING:  # the engine (torch, transformers) is imported when the command runs, not to parse arguments
+    from moe_env.engine import GenerationResult
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--link", default="host", help=f"CPU only: pace copies to a link ({', '.join(LINKS)})")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: as stored)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    add_threads_argument(parser)
     parser.add_argument("--stop-at-eos", action="store_true", help="stop when the tokenizer's EOS is generated")
     parser.add_argument("--json", action="store_true", help='print one JSON object {"tokens", "text", "metrics"}')
 
@@ -50,11 +52,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if args.threads is not None:
-        if args.threads < 1:
-            raise UsageError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
     prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)
+    from tqdm import tqdm
+
+    from moe_env.engine import EngineConfig, OffloadEngine
+
+    set_threads(args.threads)
     config = EngineConfig(
         model=args.model,
         cache_slots=args.cache_slots if args.cache_slots is not None else "all",

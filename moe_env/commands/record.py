@@ -6,12 +6,17 @@ import argparse
 import hashlib
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from moe_env.engine import DEFAULT_MODEL, EngineConfig, GenerationResult, OffloadEngine, resolve_model_dir
+from moe_env.embedded import DEFAULT_MODEL
 from moe_env.errors import UsageError
 from moe_env.outputs import check_writable_file
 from moe_env.prompts import Prompt, load_prompts
-from moe_env.trace import Trace, TraceMeta, TraceRecorder, save_trace
+from moe_env.threads import add_threads_argument, set_threads
+
+if TYPE_CHECKING:  # the engine (torch, transformers) is imported when a command runs, not to parse arguments
+    from moe_env.engine import GenerationResult, OffloadEngine
+    from moe_env.trace import Trace, TraceRecorder
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,6 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--policy", default="lru", help="cache policy spec (routing does not depend on it)")
     parser.add_argument("--prefetch", default=None, help="prefetch policy spec")
     parser.add_argument("--limit", type=int, default=None, help="record only the first N prompts")
+    add_threads_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -36,6 +42,10 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--limit must be >= 1, got {args.limit}")
     out = check_writable_file(args.out, "--out")
     prompts = load_prompts(args.prompts)[: args.limit]
+    from moe_env.engine import EngineConfig, OffloadEngine
+    from moe_env.trace import save_trace
+
+    set_threads(args.threads)
     config = EngineConfig(model=args.model, cache_slots=args.cache_slots, policy=args.policy, prefetch=args.prefetch)
     with OffloadEngine(config) as engine:
         for prompt in prompts:  # every prompt fits the model's context before the first one is decoded
@@ -50,11 +60,15 @@ def run(args: argparse.Namespace) -> int:
 
 def config_hash(model: str) -> str:
     """sha256 of the model's config.json contents (identifies the architecture a trace was recorded on)."""
+    from moe_env.engine import resolve_model_dir
+
     return hashlib.sha256((resolve_model_dir(model) / "config.json").read_bytes()).hexdigest()
 
 
 def weights_hash(model: str) -> str:
     """sha256 over the model's safetensors files (a retrained model makes its recorded traces stale)."""
+    from moe_env.engine import resolve_model_dir
+
     digest = hashlib.sha256()
     for path in sorted(resolve_model_dir(model).glob("*.safetensors")):
         with path.open("rb") as handle:
@@ -79,6 +93,8 @@ def record_trace(
 ) -> Trace:
     """Generate every prompt greedily and return the trace of what the engine routed."""
     from tqdm import tqdm
+
+    from moe_env.trace import TraceMeta, TraceRecorder
 
     spec = engine.spec
     meta = TraceMeta(

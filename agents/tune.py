@@ -19,9 +19,11 @@ The best trial is the lowest validation stall per token over all its evaluations
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import sys
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -149,7 +151,8 @@ def run_tune(config: TuneConfig, base: PPOConfig, train: Trace, validation: Trac
             ),
             run_config=tune.RunConfig(storage_path=str(run_dir), name="trials", verbose=1),
         )  # fmt: skip
-        results = tuner.fit()
+        with contextlib.redirect_stdout(sys.stderr):  # Tune's progress tables must not mix with --json on stdout
+            results = tuner.fit()
     finally:
         ray.shutdown()
     return summarise(results, trial_base, config, run_dir)

@@ -63,13 +63,15 @@ def test_bad_tune_config_is_one_line_exit_2(tmp_path, capsys):
 
 def test_tune_sweep_end_to_end(tmp_path, capsys):
     pytest.importorskip("ray.tune")
-    trace_file = save_trace(synthetic_trace(sequences=6, steps=12), tmp_path / "t.npz")
+    trace_file = save_trace(synthetic_trace(sequences=8, steps=12), tmp_path / "t.npz")
     (tmp_path / "ppo.json").write_text(json.dumps({"n_envs": 1, **SMALL}))
     space = {"learning_rate": {"loguniform": [1e-4, 1e-3]}, "residual_scale": {"choice": [0.5, 1]}}
     sweep = {"num_samples": 3, "max_timesteps": 128, "grace_timesteps": 64, "eval_every": 64, "workers": 2,
              "search_space": space}  # fmt: skip
     (tmp_path / "tune.json").write_text(json.dumps(sweep))
-    args = ["--traces", str(trace_file), "--eval-traces", str(trace_file), "--config", str(tmp_path / "ppo.json"),
+    # training (with its validation) and evaluation on disjoint sequences: the script refuses overlaps
+    args = ["--traces", f"{trace_file}#0-5", "--eval-traces", f"{trace_file}#6-7",
+            "--config", str(tmp_path / "ppo.json"),
             "--tune", str(tmp_path / "tune.json"), "--run-dir", str(tmp_path / "run"), "--json"]  # fmt: skip
     assert _script().main(args) == 0
     out = json.loads(capsys.readouterr().out)

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 
 from moe_env.errors import UsageError
 from moe_env.trace import SequenceTrace, Trace, load_trace
+from moe_env.trace_select import select_sequences, split_spec
 
 DEFAULT_TRAIN = "builtin:tiny-mixtral/train"
 DEFAULT_EVAL = "builtin:tiny-mixtral/eval"
@@ -57,6 +59,7 @@ def make_splits(
     train_spec = traces or DEFAULT_TRAIN
     if eval_traces is None and traces is None:
         eval_traces = DEFAULT_EVAL
+    load_traces = _memoised_loader()  # D#id=1-800 and D#id=901-1000 parse the log D once
     train = load_traces(train_spec)
     if eval_traces is None:
         n = len(train.sequences)
@@ -103,6 +106,19 @@ def overlap_warning(train: Trace, other: Trace, what: str) -> str:
         return ""
     ids = ", ".join(repr(s.prompt_id) for s in shared[:4]) + (" ..." if len(shared) > 4 else "")
     return f"warning: {len(shared)} of {len(other.sequences)} {what} sequences repeat a training sequence ({ids})"
+
+
+def _memoised_loader():
+    """load_traces that reads each base spec (before its #selection) once per call of make_splits."""
+    loaded: dict[str, Trace] = {}
+
+    def load(spec: str) -> Trace:
+        base, selection = (spec, "") if Path(spec).exists() else split_spec(spec)
+        if base not in loaded:
+            loaded[base] = load_trace(base)
+        return select_sequences(loaded[base], selection, base)
+
+    return load
 
 
 def _fingerprint(seq: SequenceTrace) -> str:

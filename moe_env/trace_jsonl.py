@@ -88,12 +88,13 @@ def _read_fast(
 ) -> _Records | None:
     """Column-wise read and checks; None whenever anything is off (the slow path then names the line)."""
     try:
-        reader = pajson.open_json(path, read_options=pajson.ReadOptions(block_size=BLOCK_BYTES))
-        batches = []
-        for batch in reader:  # streamed in blocks, so the progress bar moves
-            batches.append(batch)
-            advance(BLOCK_BYTES)
-        table = pa.Table.from_batches(batches, schema=reader.schema)
+        # streamed in blocks, so the progress bar moves; closed here (a reader left open aborts the interpreter)
+        with pajson.open_json(path, read_options=pajson.ReadOptions(block_size=BLOCK_BYTES)) as reader:
+            batches = []
+            for batch in reader:
+                batches.append(batch)
+                advance(BLOCK_BYTES)
+            table = pa.Table.from_batches(batches, schema=reader.schema)
     except OSError as exc:
         raise TraceFormatError(f"{path}: cannot read ({exc.strerror or exc})") from None
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):

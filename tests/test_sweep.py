@@ -94,6 +94,21 @@ def test_bench_on_local_ray_gives_the_serial_rows(capsys):
     assert parallel == serial
 
 
+def test_an_error_inside_a_ray_task_is_the_library_error(trace):
+    pytest.importorskip("ray")
+    from moe_env.errors import UsageError
+    from moe_env.sweep import RayRunner
+
+    runner = RayRunner(workers=2)
+    try:
+        sweep = Sweep(trace, cost_model_for(trace.meta, None), runner)
+        with pytest.raises(UsageError, match="cache slots 99 outside") as caught:
+            sweep.result(Cell("lru", "none", 99))
+        assert type(caught.value) is UsageError  # not Ray's wrapper with a remote traceback in its text
+    finally:
+        runner.close()
+
+
 NO_RAY = """
     import sys
 

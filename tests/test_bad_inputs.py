@@ -402,6 +402,8 @@ CASES = [
     Case("bench-trace-empty-jsonl", "bench --trace {empty_jsonl}", "no routing records"),
     Case("bench-builtin-unknown", "bench --trace builtin:nosuch", "no built-in trace 'nosuch'"),
     Case("bench-builtin-split", "bench --trace builtin:tiny-mixtral/test", "unknown split 'test'"),
+    Case("bench-budget-workers", "bench --trace {trace} --cache-budget 8 --warm --workers 2",
+         "--cache-budget sweeps run serially"),
     Case("bench-second-trace-bad", "bench --trace {trace} --trace {repeat} --cache-slots 3", "routes to expert"),
     Case("bench-plots-file", f"{B} --plots file.txt", "exists and is not a directory"),
     Case("bench-plots-file-json", f"{B} --plots file.txt --json", "exists and is not a directory"),

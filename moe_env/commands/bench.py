@@ -328,6 +328,9 @@ def run_budgets(args: argparse.Namespace, policies: list[str], prefetchers: list
     allocations = given_specs([args.allocation] if args.allocation else None, "--allocation", ["uniform"])
     if args.plots is not None:
         raise UsageError("--plots goes with --cache-slots (budget sweeps print tables and JSON)")
+    if args.workers is not None or args.ray_address is not None:
+        # warm streams are not independent per sequence, and budget cells are not yet Ray tasks: say so
+        raise UsageError("--workers/--ray-address go with --cache-slots; --cache-budget sweeps run serially")
     for spec in policies:
         check_policy_spec(spec, role="policy")
         make_policy(spec)

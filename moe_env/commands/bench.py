@@ -195,6 +195,17 @@ def given_specs(values: list[str] | None, option: str, default: list[str]) -> li
     return specs
 
 
+def check_specs(policies: list[str], prefetchers: list[str]) -> None:
+    """Bad specs, wrong roles and bad arguments fail before any replay (each policy is built once, then dropped)."""
+    for spec in policies:
+        check_policy_spec(spec, role="policy")
+        make_policy(spec)
+    for spec in prefetchers:
+        check_policy_spec(spec, role="prefetch")
+        if spec != "none":
+            make_policy(spec)
+
+
 def run(args: argparse.Namespace) -> int:
     policies = given_specs(args.policies, "--policies", ["lru", "lfu", "belady"])
     prefetchers = given_specs([args.prefetch], "--prefetch", ["none"])
@@ -207,13 +218,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--cache-slots must be positive, got {args.cache_slots!r}")
     if args.reference_slots is not None and args.reference_slots < 1:
         raise UsageError(f"--reference-slots must be positive, got {args.reference_slots}")
-    for spec in policies:  # bad specs, wrong roles and bad arguments fail before any replay
-        check_policy_spec(spec, role="policy")
-        make_policy(spec)
-    for spec in prefetchers:
-        check_policy_spec(spec, role="prefetch")
-        if spec != "none":
-            make_policy(spec)
+    check_specs(policies, prefetchers)
     check_runner_options(args.workers, args.ray_address)
     plots_dir = None if args.plots is None else check_writable_dir(args.plots, "--plots")
     traces = [(spec, load_trace(spec)) for spec in args.trace]
@@ -331,13 +336,7 @@ def run_budgets(args: argparse.Namespace, policies: list[str], prefetchers: list
     if args.workers is not None or args.ray_address is not None:
         # warm streams are not independent per sequence, and budget cells are not yet Ray tasks: say so
         raise UsageError("--workers/--ray-address go with --cache-slots; --cache-budget sweeps run serially")
-    for spec in policies:
-        check_policy_spec(spec, role="policy")
-        make_policy(spec)
-    for spec in prefetchers:
-        check_policy_spec(spec, role="prefetch")
-        if spec != "none":
-            make_policy(spec)
+    check_specs(policies, prefetchers)
     traces = [(spec, load_trace(spec)) for spec in args.trace]
     benches = [BudgetBench(spec, trace, args.profile, args.warm, args.prefill, load_trace) for spec, trace in traces]
     combos = [(p, f, a) for p in policies for f in prefetchers for a in allocations]

@@ -33,6 +33,7 @@ class LayerRouting:
     weights: np.ndarray | None = None
     gate_logits: np.ndarray | None = None
     lookahead_logits: np.ndarray | None = None
+    token: int | None = None  # the input token of this forward pass (decode), when the source knows it
 
     @property
     def prefill(self) -> bool:
@@ -66,6 +67,7 @@ def route_events(routing: LayerRouting, capacity: int | PrefillLayout) -> Iterat
             weights=None if routing.weights is None else routing.weights[0],
             gate_logits=_last(routing.gate_logits),
             lookahead_logits=_last(routing.lookahead_logits),
+            extra={} if routing.token is None else {"token": routing.token},
         )
         return
     union = sorted({int(e) for e in experts.reshape(-1)})

@@ -83,6 +83,7 @@ class SequenceTrace:
                     gate_logits=_row(self.prefill_gate_logits, layer, num_layers, lookahead=False),
                     lookahead_logits=_row(self.prefill_lookahead_logits, layer, num_layers, lookahead=True),
                 )
+        tokens = self.output_ids  # step t consumes output_ids[t]
         for step in range(self.num_steps):
             for layer in range(num_layers):
                 experts = self.experts[step, layer]
@@ -99,6 +100,7 @@ class SequenceTrace:
                         if self.lookahead_logits is None or layer + 1 >= num_layers
                         else self.lookahead_logits[step, layer][None, :]
                     ),
+                    token=None if tokens is None or step >= len(tokens) else int(tokens[step]),
                 )
 
 

@@ -1,0 +1,383 @@
+"""Imitation of Belady (Parrot-style): an eviction scorer trained on the optimum's decisions, and its plug-in.
+
+At each eviction the cache asks the policy for one score per candidate; ``ImitationPolicy`` builds every
+candidate's feature row (agents/candidate_features.py) and scores them all in one numpy call with a set scorer
+(agents/set_scorer.py) whose weights are shared across experts, layers and models: one checkpoint runs on any
+(layers, experts, top-k) and any budget. It never reads the future (``needs_future`` is False).
+
+Training (``dagger``): replay the training traces through ``DecisionCollector``, a policy that records at every
+eviction the candidates' rows and Belady's label (the candidates with the farthest next use, from the replay's
+oracle) and then evicts as its *behaviour* says: round 0 follows Belady (the states the optimum visits), later
+rounds follow the learner trained so far (the states its own choices reach; DAgger), with the oracle taking a
+share ``beta`` of those decisions. Every round adds its decisions to the pool; the scorer is refit on the pool
+with a listwise loss (agents/set_scorer.py). The round whose scorer has the best validation hit rate is kept.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from moe_env.agents.candidate_features import FEATURES, NUM_FEATURES, CandidateFeatures, ModelTables, event_token
+from moe_env.agents.checkpoint import PolicyCheckpoint, load_checkpoint, load_weights, save_checkpoint
+from moe_env.agents.model_tables import find_shipped_tables, load_tables
+from moe_env.agents.set_scorer import Decisions, NumpyScorer, SetScorerNet, fit_scorer
+
+from moe_env.errors import CheckpointError, UsageError
+from moe_env.policy import CacheView, ModelSpec, Policy, RouteEvent
+from moe_env.sim import Replayer, cost_model_for
+from moe_env.trace import Trace
+
+KIND = "imitation"
+BEHAVIOURS = ("belady", "lru", "learner")
+
+
+def shipped_imitation_path() -> Path:
+    import moe_env
+
+    return Path(moe_env.__file__).resolve().parent / "assets" / "policies" / "imitation.pt"
+
+
+@dataclass
+class ImitationConfig:
+    """train/configs/imitation.json holds these fields; every default is derived from the trace when None."""
+
+    hidden: int = 32
+    rounds: int = 3  # round 0 on Belady's states, then DAgger rounds on the learner's
+    beta: float = 0.3  # share of a DAgger round's decisions taken by the oracle
+    epochs: int = 8
+    lr: float = 3e-3
+    batch_size: int = 512
+    max_decisions_per_round: int = 60_000  # decisions are subsampled to this many per round
+    capacities: list[int] | None = None  # None: a quarter, half and three quarters of the experts (>= top-k + 1)
+    max_sequences: int | None = None  # None: every training sequence
+    use_tables: bool = True  # warm-start the online statistics from the training split's tables
+    seed: int = 0
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ImitationConfig:
+        unknown = sorted(set(values) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise UsageError(f"unknown imitation config keys: {', '.join(unknown)}")
+        return cls(**values)
+
+
+def default_capacities(num_experts: int, top_k: int) -> list[int]:
+    """Budgets a model is trained at: about 1/8, 1/4 and 1/2 of the experts (at least top-k + 1)."""
+    picks = {max(top_k + 1, min(num_experts - 1, round(num_experts * f))) for f in (0.125, 0.25, 0.5)}
+    return sorted(c for c in picks if top_k < c < num_experts) or [min(num_experts, top_k + 1)]
+
+
+# ----------------------------------------------------------------------------------------------- the plug-in
+
+
+class ScorerEviction(Policy):
+    """Evicts the candidate with the lowest set-scorer score; `tables`: ModelTables, None, or "shipped" (by shape).
+
+    Online statistics are kept across the sequences of one run (a server learns while it serves)."""
+
+    def __init__(self, scorer: NumpyScorer, tables: ModelTables | str | None = "shipped"):
+        self.scorer = scorer
+        self.tables = tables
+        self.features: CandidateFeatures | None = None
+        self._scored: np.ndarray | None = None
+        self._scores = np.zeros(0)
+
+    def _tables(self, spec: ModelSpec) -> ModelTables | None:
+        if isinstance(self.tables, str):
+            return find_shipped_tables(spec) if self.tables == "shipped" else load_tables(self.tables, spec)
+        return self.tables
+
+    def reset(self, spec: ModelSpec, capacity: int) -> None:
+        super().reset(spec, capacity)
+        if self.features is not None and self.features.spec == spec and self.features.capacity == capacity:
+            self.features.begin_sequence()
+        else:
+            self.features = CandidateFeatures(spec, capacity, self._tables(spec))
+
+    def observe(self, event: RouteEvent, cache: CacheView) -> None:
+        self.features.update(event, cache.clock)
+
+    def eviction_scores(self, layer: int, candidates: np.ndarray, cache: CacheView) -> np.ndarray:
+        if len(candidates) == 1:
+            return np.zeros(1)
+        rows = self.features.layer_rows(layer, cache)
+        if self._scored is not rows:  # one scorer call per event and layer: its evictions share the scores
+            self._scored, self._scores = rows, self.scorer(rows)
+        return self._scores[candidates]
+
+
+class ImitationPolicy(ScorerEviction):
+    """``--policy imitation[:PATH][,tables=PATH|none]``: the learned eviction scorer; no PATH: the shipped one.
+
+    Model tables (a training split's statistics) are the shipped ones of the model's shape unless ``tables`` is
+    given (``none``: start the online statistics empty)."""
+
+    def __init__(self, path: str | os.PathLike | None = None, tables: str | None = None):
+        self.path = Path(path) if path else shipped_imitation_path()
+        self.ckpt = load_checkpoint(self.path, KIND)
+        saved = list(self.ckpt.config.get("features", []))
+        if saved != list(FEATURES):
+            raise CheckpointError(f"{self.path}: trained on features {saved}, this moe-env computes {list(FEATURES)}")
+        net = SetScorerNet(NUM_FEATURES, int(self.ckpt.config.get("hidden", 32)))
+        load_weights(net, self.ckpt, self.path)
+        choice: ModelTables | str | None = "shipped" if tables is None else tables
+        if isinstance(choice, str) and choice.lower() == "none":
+            choice = None
+        super().__init__(NumpyScorer(net.eval()), choice)
+        self.needs = [str(n) for n in self.ckpt.config.get("needs", [])]
+        unknown = sorted(set(self.needs) - set(SIGNALS))
+        if unknown:
+            raise CheckpointError(f"{self.path}: needs unknown signals {unknown} (known: {', '.join(SIGNALS)})")
+        self._checked = False
+
+    def reset(self, spec: ModelSpec, capacity: int) -> None:
+        super().reset(spec, capacity)
+        self._checked = not self.needs
+
+    def observe(self, event: RouteEvent, cache: CacheView) -> None:
+        if not self._checked and not event.prefill:
+            for name in self.needs:
+                if not SIGNALS[name](event):
+                    raise CheckpointError(
+                        f"{self.path}: this policy needs the {name} (trained only where they exist), which this "
+                        f"trace lacks; train it on traces without them or use another policy"
+                    )
+            self._checked = True
+        super().observe(event, cache)
+
+
+# signal -> is it present on a decode event; a checkpoint "needs" a signal that was never missing in training
+SIGNALS: dict[str, Callable[[RouteEvent], bool]] = {
+    "gate weights": lambda event: event.weights is not None,
+    "gate logits": lambda event: event.gate_logits is not None,
+    "tokens": lambda event: event_token(event) is not None,
+}
+_MISSING_COLUMN = {"gate weights": "weight_missing", "gate logits": "gate_missing", "tokens": "token_missing"}
+
+
+def needed_signals(pool: Decisions) -> list[str]:
+    """Signals whose "missing" indicator never fired in the training decisions: the scorer never learned
+    to do without them, so a trace lacking them is refused rather than scored out of distribution."""
+    if not pool.size:
+        return []
+    return [name for name, column in _MISSING_COLUMN.items() if pool.rows[:, FEATURES.index(column)].max() == 0]
+
+
+# -------------------------------------------------------------------------------------------------- training
+
+
+class DecisionCollector(Policy):
+    """Records (candidate rows, Belady's label) at every eviction and evicts as ``behaviour`` says."""
+
+    needs_future = True
+
+    def __init__(self, behaviour: str, scorer: NumpyScorer | None = None, beta: float = 0.0,
+                 keep: float = 1.0, tables: ModelTables | None = None, seed: int = 0):  # fmt: skip
+        if behaviour not in BEHAVIOURS or (behaviour == "learner" and scorer is None):
+            raise ValueError(f"behaviour {behaviour!r}: expected one of {BEHAVIOURS} (learner needs a scorer)")
+        self.behaviour, self.scorer, self.beta, self.keep = behaviour, scorer, beta, keep
+        self.tables = tables
+        self.rng = np.random.default_rng(seed)
+        self.features: CandidateFeatures | None = None
+        self.rows: list[np.ndarray] = []
+        self.targets: list[np.ndarray] = []
+        self.agree = self.decisions = 0
+
+    def reset(self, spec: ModelSpec, capacity: int) -> None:
+        super().reset(spec, capacity)
+        if self.features is None or self.features.spec != spec or self.features.capacity != capacity:
+            self.features = CandidateFeatures(spec, capacity, self.tables)
+        else:
+            self.features.begin_sequence()
+
+    def observe(self, event: RouteEvent, cache: CacheView) -> None:
+        self.features.update(event, cache.clock)
+
+    def eviction_scores(self, layer: int, candidates: np.ndarray, cache: CacheView) -> np.ndarray:
+        if len(candidates) == 1:
+            return np.zeros(1)
+        next_use = np.array([cache.next_use(layer, int(e)) for e in candidates])
+        oracle = belady_labels(next_use)
+        record = self.rng.random() < self.keep
+        rows = self.features.rows(layer, candidates, cache) if record or self.behaviour == "learner" else None
+        if record:
+            self.rows.append(rows.astype(np.float32))
+            self.targets.append(oracle)
+        if self.behaviour == "belady":
+            return -next_use
+        if self.behaviour == "lru":
+            return cache.last_use(layer)[candidates].astype(np.float64)
+        scores = self.scorer(rows)
+        self.decisions += 1
+        self.agree += bool(oracle[int(np.argmin(scores))])
+        if self.rng.random() < self.beta:
+            return -next_use
+        return scores
+
+    def decisions_recorded(self) -> Decisions:
+        if not self.rows:
+            return Decisions.concat([])
+        lengths = np.array([len(r) for r in self.rows])
+        return Decisions(
+            np.concatenate(self.rows), np.concatenate(self.targets), np.concatenate([[0], np.cumsum(lengths)])
+        )
+
+
+def belady_labels(next_use: np.ndarray) -> np.ndarray:
+    """Belady's choice among candidates: every candidate whose next use is the farthest (never again = inf)."""
+    return next_use == next_use.max()
+
+
+def replay(trace: Trace, policy: Policy, capacity: int, profile: str | None = None):
+    """Demand-only replay of every sequence through `policy` (the cache's one decision point); the SimResult."""
+    replayer = Replayer(trace.meta, policy, capacity, cost_model_for(trace.meta, profile))
+    for sequence in trace.sequences:
+        replayer.begin_sequence(sequence)
+        for routing in sequence.routings():
+            replayer.process(routing)
+    return replayer.finish()
+
+
+def estimate_evictions(trace: Trace, capacity: int) -> int:
+    """About how many evictions one replay makes (half the accesses miss at small budgets): to subsample."""
+    miss = max(0.05, 1.0 - capacity / trace.meta.num_experts)
+    return max(1, int(trace.num_accesses * miss))
+
+
+def collect(trace: Trace, capacities: list[int], behaviour: str, scorer: NumpyScorer | None, beta: float,
+            budget: int, tables: ModelTables | None, seed: int) -> tuple[Decisions, float]:  # fmt: skip
+    """Decisions of one round over every capacity; and the learner's agreement with Belady (nan if not learner)."""
+    parts = []
+    agree = total = 0
+    per_capacity = max(1, budget // len(capacities))
+    for i, capacity in enumerate(capacities):
+        keep = min(1.0, per_capacity / estimate_evictions(trace, capacity))
+        collector = DecisionCollector(behaviour, scorer, beta, keep, tables, seed=seed * 1000 + i)
+        replay(trace, collector, capacity)
+        parts.append(collector.decisions_recorded())
+        agree += collector.agree
+        total += collector.decisions
+    return Decisions.concat(parts), (agree / total if total else math.nan)
+
+
+@dataclass
+class RoundResult:
+    round: int
+    behaviour: str
+    decisions: int
+    pool: int
+    learner_agreement: float  # on the states of this round's behaviour (DAgger rounds only)
+    validation_hit_rate: dict[int, float] = field(default_factory=dict)
+    validation_gap: dict[int, float] = field(default_factory=dict)
+
+
+def save_imitation(net: SetScorerNet, config: ImitationConfig, trained_on: list[str], path: str | os.PathLike,
+                   extra: dict[str, Any] | None = None) -> Path:  # fmt: skip
+    described = asdict(config) | {"features": list(FEATURES), "trained_on": trained_on} | (extra or {})
+    model = {"name": "", "num_layers": 0, "num_experts": 0, "top_k": 0}  # shape-agnostic
+    return save_checkpoint(PolicyCheckpoint(KIND, model, 0, NUM_FEATURES, described, net.state_dict()), path)
+
+
+def dagger(
+    traces: list[tuple[Trace, ModelTables | None]],
+    validation: list[tuple[Trace, ModelTables | None]],
+    config: ImitationConfig,
+    evaluate: Callable[[SetScorerNet, int], list[RoundResult] | RoundResult],
+    log: Callable[[str], None] = print,
+    start_round: int = 0,
+    pool: Decisions | None = None,
+    net: SetScorerNet | None = None,
+    on_round: Callable[[int, SetScorerNet, Decisions, RoundResult], None] | None = None,
+) -> SetScorerNet:
+    """DAgger rounds over the (trace, tables) pairs; `evaluate(net, round)` scores a round's scorer on validation."""
+    pool = pool if pool is not None else Decisions.concat([])
+    for round_index in range(start_round, config.rounds):
+        behaviour = "belady" if round_index == 0 or net is None else "learner"
+        scorer = None if behaviour == "belady" else NumpyScorer(net)
+        parts = []
+        agreements = []
+        for i, (trace, tables) in enumerate(traces):
+            trace = subsample(trace, config.max_sequences, config.seed + 31 * round_index + i)
+            meta = trace.meta
+            capacities = config.capacities or default_capacities(meta.num_experts, meta.top_k)
+            capacities = [c for c in capacities if meta.top_k < c < meta.num_experts] or [meta.top_k + 1]
+            budget = config.max_decisions_per_round // len(traces)
+            seed = config.seed + 7919 * round_index + i
+            used = tables if config.use_tables else None
+            part, agree = collect(trace, capacities, behaviour, scorer, config.beta, budget, used, seed)
+            parts.append(part)
+            agreements.append(agree)
+        fresh = Decisions.concat(parts)
+        pool = Decisions.concat([pool, fresh])
+        log(f"round {round_index} ({behaviour} states): {fresh.size} new decisions, pool {pool.size}")
+
+        def progress(epoch: int, loss: float, r=round_index) -> None:
+            log(f"round {r} epoch {epoch + 1}/{config.epochs}: listwise loss {loss:.4f}")
+
+        net = fit_scorer(pool, config.hidden, config.epochs, config.lr, config.batch_size,
+                         config.seed + round_index, progress=progress)  # fmt: skip
+        result = evaluate(net, round_index)
+        assert isinstance(result, RoundResult)
+        result.behaviour, result.decisions, result.pool = behaviour, fresh.size, pool.size
+        valid = [a for a in agreements if not math.isnan(a)]
+        result.learner_agreement = float(np.mean(valid)) if valid else math.nan
+        if on_round is not None:
+            on_round(round_index, net, pool, result)
+    assert net is not None
+    return net
+
+
+def subsample(trace: Trace, max_sequences: int | None, seed: int) -> Trace:
+    """At most `max_sequences` sequences of `trace`, drawn without replacement (a different draw each round)."""
+    if not max_sequences or len(trace.sequences) <= max_sequences:
+        return trace
+    chosen = np.sort(np.random.default_rng(seed).choice(len(trace.sequences), max_sequences, replace=False))
+    return Trace(trace.meta, [trace.sequences[i] for i in chosen])
+
+
+def torch_threads(n: int = 1) -> None:
+    torch.set_num_threads(n)
+
+
+def capacities_for(trace: Trace, config: ImitationConfig) -> list[int]:
+    meta = trace.meta
+    chosen = config.capacities or default_capacities(meta.num_experts, meta.top_k)
+    return [c for c in chosen if meta.top_k < c < meta.num_experts] or [min(meta.top_k + 1, meta.num_experts)]
+
+
+References = dict[tuple[str, int], tuple[float, float]]  # (label, capacity) -> (LRU hit rate, Belady hit rate)
+
+
+def gap_report(net: SetScorerNet, traces: list[tuple[str, Trace, ModelTables | None]], config: ImitationConfig,
+               references: References | None = None) -> dict[str, dict[int, dict]]:  # fmt: skip
+    """Per trace label and capacity: the scorer's hit rate, LRU's, Belady's and the share of the gap captured."""
+    from moe_env.sim import simulate
+
+    references = {} if references is None else references
+    scorer = NumpyScorer(net)
+    out: dict[str, dict[int, dict]] = {}
+    for label, trace, tables in traces:
+        out[label] = {}
+        for capacity in capacities_for(trace, config):
+            if (label, capacity) not in references:
+                references[(label, capacity)] = (
+                    simulate(trace, "lru", capacity).hit_rate,
+                    simulate(trace, "belady", capacity).hit_rate,
+                )
+            lru, belady = references[(label, capacity)]
+            hit = replay(trace, ScorerEviction(scorer, tables if config.use_tables else None), capacity).hit_rate
+            gap = (hit - lru) / (belady - lru) if belady > lru else math.nan
+            out[label][capacity] = {"hit_rate": hit, "lru": lru, "belady": belady, "gap_captured": gap}
+    return out
+
+
+def mean_gap(report: dict[str, dict[int, dict]]) -> float:
+    gaps = [v["gap_captured"] for per in report.values() for v in per.values() if not math.isnan(v["gap_captured"])]
+    return float(np.mean(gaps)) if gaps else math.nan

@@ -1,0 +1,52 @@
+"""Resume state of an imitation run: the decision pool and the latest round's scorer, in the run directory."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from moe_env.agents.checkpoint import load_checkpoint, load_weights
+from moe_env.agents.set_scorer import Decisions, SetScorerNet
+
+from moe_env.errors import CheckpointError
+
+KIND = "imitation"
+
+
+def save_pool(run_dir: Path, pool: Decisions) -> Path:
+    """Atomic: a crash mid-write leaves the previous pool."""
+    path = run_dir / "pool.npz"
+    fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=".pool.", suffix=".npz")
+    os.close(fd)
+    try:
+        np.savez(tmp, rows=pool.rows, target=pool.target, offsets=pool.offsets)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def load_pool(run_dir: Path) -> Decisions:
+    path = run_dir / "pool.npz"
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            pool = Decisions(data["rows"], data["target"], data["offsets"])
+    except Exception as exc:  # missing or damaged
+        raise CheckpointError(f"{path}: cannot resume from the decision pool ({type(exc).__name__})") from None
+    if len(pool.target) != len(pool.rows) or pool.offsets[-1] != len(pool.rows):
+        raise CheckpointError(f"{path}: inconsistent decision pool")
+    return pool
+
+
+def load_round(run_dir: Path) -> tuple[int, SetScorerNet | None, list[dict]]:
+    """(next round to run, the last round's scorer, the rounds' history) of a run directory."""
+    rounds = sorted(run_dir.glob("round-*.pt"), key=lambda p: int(p.stem.split("-")[1]))
+    if not rounds:
+        return 0, None, []
+    ckpt = load_checkpoint(rounds[-1], KIND)
+    net = SetScorerNet(ckpt.obs_size, int(ckpt.config.get("hidden", 32)))
+    load_weights(net, ckpt, rounds[-1])
+    return int(ckpt.config["round"]) + 1, net.eval(), list(ckpt.config.get("history", []))

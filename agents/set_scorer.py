@@ -1,0 +1,137 @@
+"""The set scorer: one small MLP applied to each candidate's own feature row (weights shared across experts and
+layers), trained with a listwise loss over the candidates of each decision. Inference is plain numpy (one
+batched call per decision: a handful of matmuls on a [C, F] matrix), so a plug-in never pays torch's per-call
+overhead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+
+class SetScorerNet(nn.Module):
+    """[N, F] standardised features -> [N] keep scores (the lowest is evicted)."""
+
+    def __init__(self, num_features: int, hidden: int = 32):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(num_features))
+        self.register_buffer("std", torch.ones(num_features))
+        self.body = nn.Sequential(
+            nn.Linear(num_features, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 1)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body((x - self.mean) / self.std).squeeze(-1)
+
+
+class NumpyScorer:
+    """The same function as a SetScorerNet, in float64 numpy (bit-for-bit deterministic, no torch per call)."""
+
+    def __init__(self, net: SetScorerNet):
+        state = {k: v.detach().double().numpy() for k, v in net.state_dict().items()}
+        self.mean, self.inv_std = state["mean"], 1.0 / state["std"]
+        linears = sorted({k.rsplit(".", 1)[0] for k in state if k.startswith("body.")}, key=lambda s: int(s[5:]))
+        self.layers = [(state[f"{name}.weight"].T.copy(), state[f"{name}.bias"]) for name in linears]
+
+    def __call__(self, rows: np.ndarray) -> np.ndarray:
+        h = (rows - self.mean) * self.inv_std
+        last = len(self.layers) - 1
+        for i, (weight, bias) in enumerate(self.layers):
+            h = h @ weight + bias
+            if i < last:
+                np.maximum(h, 0.0, out=h)
+        return h[:, 0]
+
+
+@dataclass
+class Decisions:
+    """Ragged listwise data: decision i owns rows offsets[i]:offsets[i+1]; `target` marks the rows to evict."""
+
+    rows: np.ndarray  # [R, F] float32
+    target: np.ndarray  # [R] bool: Belady's choice (ties: every candidate with the farthest next use)
+    offsets: np.ndarray  # [N + 1] int64
+
+    @property
+    def size(self) -> int:
+        return len(self.offsets) - 1
+
+    @staticmethod
+    def concat(parts: list[Decisions]) -> Decisions:
+        parts = [p for p in parts if p.size]
+        if not parts:
+            return Decisions(np.zeros((0, 0), np.float32), np.zeros(0, bool), np.zeros(1, np.int64))
+        offsets = [parts[0].offsets]
+        base = parts[0].offsets[-1]
+        for p in parts[1:]:
+            offsets.append(p.offsets[1:] + base)
+            base += p.offsets[-1]
+        return Decisions(
+            np.concatenate([p.rows for p in parts]), np.concatenate([p.target for p in parts]), np.concatenate(offsets)
+        )
+
+    def select(self, decisions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(row indices, decision id per row, renumbered 0..len-1) of the given decisions."""
+        starts, ends = self.offsets[decisions], self.offsets[decisions + 1]
+        lengths = ends - starts
+        seg = np.repeat(np.arange(len(decisions)), lengths)
+        first = np.repeat(starts - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths)
+        return first + np.arange(lengths.sum()), seg
+
+
+def listwise_loss(scores: torch.Tensor, target: torch.Tensor, seg: torch.Tensor, n: int) -> torch.Tensor:
+    """Mean over decisions of -log P(evict one of the targets), P = softmax of -score over the decision's rows."""
+    logits = -scores
+    peak = torch.full((n,), -torch.inf).scatter_reduce(0, seg, logits.detach(), "amax")
+    shifted = torch.exp(logits - peak[seg])
+    every = torch.zeros(n).index_add(0, seg, shifted)
+    chosen = torch.zeros(n).index_add(0, seg, shifted * target)
+    return (torch.log(every) - torch.log(chosen.clamp_min(1e-30))).mean()
+
+
+Progress = Callable[[int, float], None]  # (epoch, mean loss)
+
+
+def fit_scorer(data: Decisions, hidden: int, epochs: int, lr: float, batch: int, seed: int,
+               net: SetScorerNet | None = None, progress: Progress | None = None) -> SetScorerNet:  # fmt: skip
+    """Train (or continue training) a scorer on `data`; the feature standardisation is fixed from `data`."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    if net is None:
+        net = SetScorerNet(data.rows.shape[1], hidden)
+    with torch.no_grad():
+        net.mean.copy_(torch.from_numpy(data.rows.mean(axis=0)).float())
+        net.std.copy_(torch.from_numpy(data.rows.std(axis=0)).float().clamp_min(1e-3))
+    rows = torch.from_numpy(data.rows.astype(np.float32))
+    target = torch.from_numpy(data.target.astype(np.float32))
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    for epoch in range(epochs):
+        order = rng.permutation(data.size)
+        total = 0.0
+        for start in range(0, data.size, batch):
+            chosen = order[start : start + batch]
+            index, seg = data.select(chosen)
+            loss = listwise_loss(net(rows[index]), target[index], torch.from_numpy(seg), len(chosen))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(chosen)
+        if progress is not None:
+            progress(epoch, total / max(data.size, 1))
+    return net.eval()
+
+
+def agreement(scorer: NumpyScorer, data: Decisions) -> float:
+    """Share of decisions where the scorer evicts one of the targets (Belady's choice)."""
+    if not data.size:
+        return float("nan")
+    scores = scorer(data.rows.astype(np.float64))
+    hits = 0
+    for i in range(data.size):
+        lo, hi = data.offsets[i], data.offsets[i + 1]
+        hits += bool(data.target[lo + int(np.argmin(scores[lo:hi]))])
+    return hits / data.size

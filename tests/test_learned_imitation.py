@@ -1,0 +1,187 @@
+"""The imitation policy: Belady labels, one checkpoint on three shapes, refusal of a missing signal, causality."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from moe_env.agents.candidate_features import FEATURES, CandidateFeatures
+from moe_env.agents.imitation import (
+    DecisionCollector,
+    ImitationConfig,
+    ImitationPolicy,
+    collect,
+    save_imitation,
+)
+from moe_env.agents.model_tables import build_tables, load_tables, save_tables
+from moe_env.agents.set_scorer import NumpyScorer, agreement, fit_scorer
+from test_env import synthetic_trace
+
+from moe_env.cache import ExpertCacheState
+from moe_env.errors import CheckpointError
+from moe_env.policy import make_policy
+from moe_env.routing import route_events
+from moe_env.sim import Replayer, cost_model_for, model_spec, simulate
+from moe_env.trace import SequenceTrace, Trace, TraceMeta, load_trace
+
+
+def next_access(sequence: SequenceTrace, layer: int, step: int, expert: int) -> float:
+    """Position (in this layer's decode accesses) of `expert`'s next use after step `step`; inf if never."""
+    k = sequence.experts.shape[2]
+    for t in range(step + 1, sequence.num_steps):
+        row = sequence.experts[t, layer].tolist()
+        if expert in row:
+            return float(t * k + row.index(expert))
+    return math.inf
+
+
+class Tap(DecisionCollector):
+    """The collector in Belady mode, also noting the step, layer and candidates of every eviction it labels."""
+
+    def observe(self, event, cache):
+        self.step_now = event.step
+        super().observe(event, cache)
+
+    def eviction_scores(self, layer, candidates, cache):
+        if len(candidates) > 1:
+            self.noted.append((self.sequence, self.step_now, layer, candidates.tolist()))
+        return super().eviction_scores(layer, candidates, cache)
+
+
+@pytest.fixture(scope="module")
+def trace() -> Trace:
+    base = synthetic_trace(sequences=3, steps=30, layers=3, experts=8, top_k=2)
+    return Trace(base.meta, [replace(s, prefill_experts=None) for s in base.sequences])
+
+
+def test_imitation_labels_are_belady_choices(trace):
+    """Labels = the candidates whose next use is the farthest (brute force on the trace); following them gives
+    exactly Belady's hits."""
+    capacity = 4
+    tap = Tap("belady", keep=1.0)
+    tap.noted = []
+    replayer = Replayer(trace.meta, tap, capacity, cost_model_for(trace.meta, None))
+    for index, sequence in enumerate(trace.sequences):
+        tap.sequence = index
+        replayer.begin_sequence(sequence)
+        for routing in sequence.routings():
+            replayer.process(routing)
+    followed = replayer.finish()
+    assert followed.hits == simulate(trace, "belady", capacity).hits
+    decisions = tap.decisions_recorded()
+    assert decisions.size == len(tap.noted) > 20
+    for d, (index, step, layer, candidates) in enumerate(tap.noted):
+        distance = np.array([next_access(trace.sequences[index], layer, step, e) for e in candidates])
+        labels = decisions.target[decisions.offsets[d] : decisions.offsets[d + 1]]
+        np.testing.assert_array_equal(labels, distance == distance.max())
+
+
+def test_listwise_training_learns_belady_better_than_lru(trace):
+    config = ImitationConfig(capacities=[3, 4], max_decisions_per_round=4000)
+    data, _ = collect(trace, [3, 4], "belady", None, 0.0, 4000, None, seed=0)
+    net = fit_scorer(data, hidden=16, epochs=30, lr=1e-2, batch=64, seed=0)
+    learned = agreement(NumpyScorer(net), data)
+    recency = data.rows[:, FEATURES.index("recency")]
+    bounds = zip(data.offsets[:-1], data.offsets[1:], strict=True)
+    lru_agree = np.mean([data.target[lo + int(np.argmax(recency[lo:hi]))] for lo, hi in bounds])
+    assert learned > lru_agree + 0.05, (learned, lru_agree)
+    assert config.capacities == [3, 4]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(trace, tmp_path_factory):
+    data, _ = collect(trace, [3, 4], "belady", None, 0.0, 3000, None, seed=1)
+    net = fit_scorer(data, hidden=16, epochs=5, lr=1e-2, batch=64, seed=0)
+    path = tmp_path_factory.mktemp("imitation") / "imitation.pt"
+    save_imitation(net, ImitationConfig(hidden=16), ["synthetic"], path, {"needs": []})
+    return path
+
+
+def no_signals(trace: Trace) -> Trace:
+    """The trace without gate weights, gate logits and lookahead logits (as a converted log)."""
+    seqs = [replace(s, weights=None, gate_logits=None, lookahead_logits=None) for s in trace.sequences]
+    return Trace(trace.meta, seqs)
+
+
+def test_one_checkpoint_runs_on_three_shapes(checkpoint, trace):
+    shapes = set()
+    for target in (trace, load_trace("builtin:tiny-mixtral/eval"), load_trace("builtin:tiny-olmoe/eval")):
+        meta = target.meta
+        shapes.add((meta.num_layers, meta.num_experts, meta.top_k))
+        capacity = meta.top_k + 2
+        result = simulate(target, f"imitation:{checkpoint},tables=none", capacity)
+        lru = simulate(target, "lru", capacity)
+        assert result.hits + result.misses == lru.hits + lru.misses
+        assert 0.0 < result.hit_rate < 1.0
+    assert len(shapes) == 3
+
+
+def test_missing_signal_refused_by_name(trace, checkpoint, tmp_path):
+    """A checkpoint that never saw gate logits missing in training needs them: refused by name where absent."""
+    from moe_env.agents.checkpoint import load_checkpoint, save_checkpoint
+
+    ckpt = load_checkpoint(checkpoint, "imitation")
+    ckpt.config["needs"] = ["gate logits"]
+    needy = save_checkpoint(ckpt, tmp_path / "needy.pt")
+    assert simulate(trace, f"imitation:{needy}", 4).hit_rate > 0  # present: runs
+    with pytest.raises(CheckpointError, match="gate logits") as info:
+        simulate(no_signals(trace), f"imitation:{needy}", 4)
+    assert "\n" not in str(info.value)
+    # the plain checkpoint runs without those signals (their "missing" indicators are features)
+    assert simulate(no_signals(trace), f"imitation:{checkpoint}", 4).hit_rate > 0
+
+
+def test_features_are_causal(trace):
+    """Rows at step t do not depend on routing after t: two traces equal up to t give equal rows."""
+    meta = trace.meta
+    spec = model_spec(meta)
+    seq = trace.sequences[0]
+    cut = 12
+    other = seq.experts.copy()
+    other[cut + 1 :] = np.roll(other[cut + 1 :], 3, axis=0)
+    rows = []
+    for experts in (seq.experts, other):
+        features = CandidateFeatures(spec, 4)
+        cache = ExpertCacheState(spec, 4, make_policy("lru"))
+        variant = replace(seq, experts=experts, prefill_experts=None)
+        out = None
+        for routing in variant.routings():
+            for event in route_events(routing, 4):
+                features.update(event, cache.clock)
+                cache.route(event)
+                if event.step == cut and event.layer == 1:
+                    out = features.rows(1, np.arange(meta.num_experts), cache)
+        rows.append(out)
+    np.testing.assert_array_equal(rows[0], rows[1])
+
+
+def test_model_tables_round_trip_and_corruption(tmp_path):
+    base = load_trace("builtin:tiny-mixtral/train")
+    tables = build_tables(base)
+    assert len(tables.token_keys) > 0  # the recorded traces carry their tokens
+    path = save_tables(tables, tmp_path / "t.npz")
+    back = load_tables(path)
+    np.testing.assert_allclose(back.popularity, tables.popularity)
+    assert back.transition.sum() > 0 and back.coactivation.sum() > 0
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    broken = tmp_path / "broken.npz"
+    broken.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError):
+        load_tables(broken)
+    other = TraceMeta("x", 5, 8, 2, "test")
+    with pytest.raises(CheckpointError, match="layers, experts, top-k"):
+        load_tables(path, model_spec(other))
+
+
+def test_shipped_imitation_policy_runs_everywhere():
+    policy = ImitationPolicy()
+    for spec in ("builtin:tiny-mixtral/eval", "builtin:tiny-olmoe/eval"):
+        target = load_trace(spec)
+        capacity = target.meta.top_k + 2
+        result = simulate(target, policy, capacity)
+        assert result.hits + result.misses == simulate(target, "lru", capacity).hits + simulate(
+            target, "lru", capacity
+        ).misses

@@ -227,6 +227,10 @@ class CandidateFeatures:
         num_experts = self.spec.num_experts
         out = np.empty((num_experts, NUM_FEATURES))
         out[:] = self._static
+        slots = cache.layer_capacity(layer) if hasattr(cache, "layer_capacity") else self.capacity
+        if slots != self.capacity:  # a per-layer allocation: this layer's own budget
+            out[:, c["budget"]] = slots / num_experts
+            out[:, c["top_k_per_slot"]] = self.spec.top_k / max(slots, 1)
         step = self.step
         age = step - self.last_step[layer]
         out[:, c["recency"]] = np.minimum(np.log1p(np.maximum(age, 0)) * _LOG_SCALE, 1.0)
@@ -243,7 +247,7 @@ class CandidateFeatures:
         out[:, c["long_share"]] = share * num_experts
         prior = share * self.spec.top_k
         out[:, c["transition"]] = self._conditional(self.transition, self.current[layer], layer, prior)
-        first = not (layer > 0 and self.current_step[layer - 1] == self.current_step[layer])
+        first = not (layer > 0 and self.current_step[layer - 1] == step)  # layer l-1 has routed this token
         out[:, c["coactivation"]] = 0.0 if first else self._conditional(
             self.coactivation, self.current[layer - 1], layer, prior
         )

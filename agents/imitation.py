@@ -95,11 +95,13 @@ class ScorerEviction(Policy):
         return self.tables
 
     def reset(self, spec: ModelSpec, capacity: int) -> None:
+        """The cache is empty; the online statistics of the deployment survive unless the model changed."""
         super().reset(spec, capacity)
-        if self.features is not None and self.features.spec == spec and self.features.capacity == capacity:
-            self.features.begin_sequence()
-        else:
+        if self.features is None or self.features.spec != spec or self.features.capacity != capacity:
             self.features = CandidateFeatures(spec, capacity, self._tables(spec))
+
+    def begin_sequence(self, cache: CacheView) -> None:
+        self.features.begin_sequence()
 
     def observe(self, event: RouteEvent, cache: CacheView) -> None:
         self.features.update(event, cache.clock)
@@ -137,8 +139,8 @@ class ImitationPolicy(ScorerEviction):
             raise CheckpointError(f"{self.path}: needs unknown signals {unknown} (known: {', '.join(SIGNALS)})")
         self._checked = False
 
-    def reset(self, spec: ModelSpec, capacity: int) -> None:
-        super().reset(spec, capacity)
+    def begin_sequence(self, cache: CacheView) -> None:
+        super().begin_sequence(cache)
         self._checked = not self.needs
 
     def observe(self, event: RouteEvent, cache: CacheView) -> None:
@@ -194,8 +196,9 @@ class DecisionCollector(Policy):
         super().reset(spec, capacity)
         if self.features is None or self.features.spec != spec or self.features.capacity != capacity:
             self.features = CandidateFeatures(spec, capacity, self.tables)
-        else:
-            self.features.begin_sequence()
+
+    def begin_sequence(self, cache: CacheView) -> None:
+        self.features.begin_sequence()
 
     def observe(self, event: RouteEvent, cache: CacheView) -> None:
         self.features.update(event, cache.clock)

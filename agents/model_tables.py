@@ -26,13 +26,22 @@ FORMAT = "moe-env-model-tables"
 ARRAYS = ("popularity", "transition", "coactivation", "token_keys", "token_counts")
 
 
-def sequence_tokens(sequence: SequenceTrace) -> list[int | None]:
-    """The input token of each decode step (step t consumes output_ids[t]); None where unknown."""
+def sequence_tokens(sequence: SequenceTrace, vocab: list | None = None) -> list[int | None]:
+    """The key of each decode step's input token (step t consumes output_ids[t]; with the import's `vocab`, the
+    key of the token's text, as the simulator hands it to policies); None where unknown."""
     ids = sequence.output_ids
     steps = sequence.num_steps
     if ids is None:
         return [None] * steps
-    return [token_key(int(ids[t])) if t < len(ids) else None for t in range(steps)]
+    keys: list[int | None] = []
+    for t in range(steps):
+        if t >= len(ids):
+            keys.append(None)
+        elif vocab is not None and 0 <= int(ids[t]) < len(vocab):
+            keys.append(token_key(str(vocab[int(ids[t])])))
+        else:
+            keys.append(token_key(int(ids[t])))
+    return keys
 
 
 def build_tables(trace: Trace, min_token_count: int = 3, max_tokens: int = 2000) -> ModelTables:
@@ -45,6 +54,8 @@ def build_tables(trace: Trace, min_token_count: int = 3, max_tokens: int = 2000)
     token_counts: dict[int, np.ndarray] = {}
     token_seen: dict[int, int] = {}
     layer_ids = np.arange(num_layers)[None, :, None]
+    vocab = meta.extra.get("vocab") if isinstance(meta.extra, dict) else None
+    vocab = vocab if isinstance(vocab, list) else None
     for sequence in trace.sequences:
         experts = sequence.experts.astype(np.int64)  # [T, L, k]
         present = experts[:, :, 0] >= 0
@@ -54,7 +65,7 @@ def build_tables(trace: Trace, min_token_count: int = 3, max_tokens: int = 2000)
         _add_pairs(transition, np.nonzero(both)[1], experts[:-1][both], experts[1:][both])
         stacked = present[:, 1:] & present[:, :-1]  # same step, consecutive layers
         _add_pairs(coactivation, np.nonzero(stacked)[1] + 1, experts[:, :-1][stacked], experts[:, 1:][stacked])
-        tokens = sequence_tokens(sequence)
+        tokens = sequence_tokens(sequence, vocab)
         for t, key in enumerate(tokens):
             if key is None:
                 continue

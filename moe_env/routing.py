@@ -33,7 +33,7 @@ class LayerRouting:
     weights: np.ndarray | None = None
     gate_logits: np.ndarray | None = None
     lookahead_logits: np.ndarray | None = None
-    token: int | None = None  # the input token of this forward pass (decode), when the source knows it
+    token: int | str | None = None  # input token of this forward pass (decode): an id, or its text; None: unknown
 
     @property
     def prefill(self) -> bool:

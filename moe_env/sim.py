@@ -271,6 +271,8 @@ class Replayer:
         self.policy = policy
         self.with_oracle = with_oracle or policy.needs_future
         self.warm = warm
+        vocab = meta.extra.get("vocab") if isinstance(meta.extra, dict) else None
+        self._vocab: list | None = vocab if isinstance(vocab, list) else None  # import-local ids -> token text
         policy.bind_cost_model(cost)
         self.cache = ExpertCacheState(self.spec, capacity, policy, prefill=prefill)
         self.capacity = self.cache.capacity
@@ -334,6 +336,9 @@ class Replayer:
     def process(self, routing: LayerRouting) -> LayerOutcome:
         """Route one layer's forward pass through the cache and advance the timeline."""
         self._replaying = True
+        vocab = self._vocab
+        if vocab is not None and isinstance(routing.token, int) and 0 <= routing.token < len(vocab):
+            routing = replace(routing, token=vocab[routing.token])  # ids of an import mean nothing elsewhere
         if routing.step != self._last_step:
             self._last_step = routing.step
             if routing.step >= 0:

@@ -97,12 +97,11 @@ def prediction_quality(samples: PredictionSamples, net: SetScorerNet | None, top
     """Per method: precision/recall at k overall and per target layer."""
     scorer = NumpyScorer(net) if net is not None else None
     n, e, f = samples.rows.shape
+    token_missing = samples.rows[:, :, FEATURES.index("token_missing")] > 0
     methods = {
         "previous_token": samples.previous.astype(np.float64),
         "inter_layer": samples.rows[:, :, FEATURES.index("coactivation")],
-        "token_table": np.where(
-            samples.rows[:, :, FEATURES.index("token_missing")] > 0, -np.inf, samples.rows[:, :, FEATURES.index("token")]
-        ),
+        "token_table": np.where(token_missing, -np.inf, samples.rows[:, :, FEATURES.index("token")]),
         "same_layer_transition": samples.rows[:, :, FEATURES.index("transition")],
     }
     if scorer is not None:

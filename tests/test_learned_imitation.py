@@ -107,7 +107,7 @@ def no_signals(trace: Trace) -> Trace:
 
 def test_one_checkpoint_runs_on_three_shapes(checkpoint, trace):
     shapes = set()
-    for target in (trace, load_trace("builtin:tiny-mixtral/eval"), load_trace("builtin:tiny-olmoe/eval")):
+    for target in (trace, load_trace("builtin:tiny-mixtral/eval#0,1"), load_trace("builtin:tiny-olmoe/eval#0,1")):
         meta = target.meta
         shapes.add((meta.num_layers, meta.num_experts, meta.top_k))
         capacity = meta.top_k + 2
@@ -178,7 +178,7 @@ def test_model_tables_round_trip_and_corruption(tmp_path):
 
 def test_shipped_imitation_policy_runs_everywhere():
     policy = ImitationPolicy()
-    for spec in ("builtin:tiny-mixtral/eval", "builtin:tiny-olmoe/eval"):
+    for spec in ("builtin:tiny-mixtral/eval#0,1", "builtin:tiny-olmoe/eval#0,1"):
         target = load_trace(spec)
         capacity = target.meta.top_k + 2
         result = simulate(target, policy, capacity)

@@ -41,6 +41,7 @@ FEATURES: tuple[str, ...] = (
     "coactivation",  # same for P(e at l | experts of layer l-1 at this token)
     "token",  # same for P(e at l | token t)
     "token_missing",
+    "token_next",  # same for P(e at l at step t+1 | token t): the input token says what the next one routes to
     "gate_prob",  # the router's probability at this layer's latest step
     "gate_missing",
     "lookahead_prob",  # probability from the previous layer's lookahead logits at this step
@@ -88,6 +89,7 @@ class ModelTables:
     coactivation: np.ndarray  # [L, E, E] (e at l-1, e' at l) counts, same token
     token_keys: np.ndarray  # [V] int64
     token_counts: np.ndarray  # [V, L, E] uses by the tokens' own forward passes
+    next_counts: np.ndarray | None = None  # [V, L, E] uses by the forward pass AFTER each token's
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -110,9 +112,13 @@ class CandidateFeatures:
             np.zeros((*shape, num_experts)) if tables is None else tables.coactivation.astype(np.float64)
         )
         self.token_counts: dict[int, np.ndarray] = {}
+        self.next_counts: dict[int, np.ndarray] = {}
         if tables is not None:
             for key, counts in zip(tables.token_keys.tolist(), tables.token_counts, strict=True):
                 self.token_counts[int(key)] = counts.astype(np.float64)
+            if tables.next_counts is not None:
+                for key, counts in zip(tables.token_keys.tolist(), tables.next_counts, strict=True):
+                    self.next_counts[int(key)] = counts.astype(np.float64)
         self._uniform = spec.top_k / num_experts
         static = np.zeros(NUM_FEATURES)
         static[FEATURES.index("budget")] = capacity / num_experts
@@ -130,6 +136,8 @@ class CandidateFeatures:
         self._version = 0
         self._cached_layer, self._cached_version, self._cached_rows = -1, -1, np.zeros(0)
         self.token: int | None = None
+        self.previous_input: int | None = None  # the input token of the step before
+        self.token_step = -1
         self.last_step = np.full(shape, -(10**6), dtype=np.int64)
         self.count = np.zeros(shape)
         self.fast = np.zeros(shape)
@@ -159,7 +167,11 @@ class CandidateFeatures:
         step = max(event.step, 0)
         self.step = step
         token = event_token(event)
-        if layer == 0 or token is not None:
+        if not event.prefill and step != self.token_step:
+            self.previous_input = self.token if self.token_step == step - 1 else None
+            self.token_step = step
+            self.token = token
+        elif token is not None:
             self.token = token
         behind = step - int(self.decay_step[layer])
         if behind > 0:
@@ -192,10 +204,16 @@ class CandidateFeatures:
         self.current_step[layer] = step
         if layer > 0 and self.current_step[layer - 1] == step and self.current[layer - 1]:
             self.coactivation[layer, np.asarray(self.current[layer - 1])[:, None], np.asarray(experts)[None, :]] += 1
+        shape = (self.spec.num_layers, self.spec.num_experts)
         if self.token is not None:
             counts = self.token_counts.get(self.token)
             if counts is None:
-                counts = self.token_counts[self.token] = np.zeros((self.spec.num_layers, self.spec.num_experts))
+                counts = self.token_counts[self.token] = np.zeros(shape)
+            counts[layer, experts] += 1.0
+        if self.previous_input is not None:
+            counts = self.next_counts.get(self.previous_input)
+            if counts is None:
+                counts = self.next_counts[self.previous_input] = np.zeros(shape)
             counts[layer, experts] += 1.0
         self.has_gate[layer] = event.gate_logits is not None
         if event.gate_logits is not None:
@@ -261,6 +279,13 @@ class CandidateFeatures:
         else:
             out[:, c["token"]] = 0.0
             out[:, c["token_missing"]] = 1.0
+        after = None if self.token is None else self.next_counts.get(self.token)
+        if after is not None and after[layer].sum() > 0:
+            row = after[layer]
+            p = (row + SMOOTHING * prior) / (row.sum() / self.spec.top_k + SMOOTHING)
+            out[:, c["token_next"]] = np.log(p / self._uniform)
+        else:
+            out[:, c["token_next"]] = 0.0
         gate = bool(self.has_gate[layer])
         out[:, c["gate_prob"]] = self.gate[layer] if gate else 0.0
         out[:, c["gate_missing"]] = 0.0 if gate else 1.0

@@ -49,7 +49,11 @@ class ImitationConfig:
     """train/configs/imitation.json holds these fields; every default is derived from the trace when None."""
 
     hidden: int = 32
-    rounds: int = 3  # round 0 on Belady's states, then DAgger rounds on the learner's
+    rounds: int = 3  # round 0 on the states of `first_behaviour`, then DAgger rounds on the learner's
+    first_behaviour: str = "lru"  # lru | belady (Belady's states alone mislead: measured, see README)
+    soft_weight: float = 1.0  # weight of the softened Belady order (every candidate ranked by next use)
+    temperature: float = 0.5
+    horizon_tokens: float = 64.0  # next-use distances are capped at this many tokens
     beta: float = 0.3  # share of a DAgger round's decisions taken by the oracle
     epochs: int = 8
     lr: float = 3e-3
@@ -190,6 +194,7 @@ class DecisionCollector(Policy):
         self.features: CandidateFeatures | None = None
         self.rows: list[np.ndarray] = []
         self.targets: list[np.ndarray] = []
+        self.distances: list[np.ndarray] = []
         self.agree = self.decisions = 0
 
     def reset(self, spec: ModelSpec, capacity: int) -> None:
@@ -213,6 +218,7 @@ class DecisionCollector(Policy):
         if record:
             self.rows.append(rows.astype(np.float32))
             self.targets.append(oracle)
+            self.distances.append(next_use.astype(np.float32))
         if self.behaviour == "belady":
             return -next_use
         if self.behaviour == "lru":
@@ -229,7 +235,10 @@ class DecisionCollector(Policy):
             return Decisions.concat([])
         lengths = np.array([len(r) for r in self.rows])
         return Decisions(
-            np.concatenate(self.rows), np.concatenate(self.targets), np.concatenate([[0], np.cumsum(lengths)])
+            np.concatenate(self.rows),
+            np.concatenate(self.targets),
+            np.concatenate([[0], np.cumsum(lengths)]),
+            np.concatenate(self.distances),
         )
 
 
@@ -302,8 +311,8 @@ def dagger(
     """DAgger rounds over the (trace, tables) pairs; `evaluate(net, round)` scores a round's scorer on validation."""
     pool = pool if pool is not None else Decisions.concat([])
     for round_index in range(start_round, config.rounds):
-        behaviour = "belady" if round_index == 0 or net is None else "learner"
-        scorer = None if behaviour == "belady" else NumpyScorer(net)
+        behaviour = config.first_behaviour if round_index == 0 or net is None else "learner"
+        scorer = NumpyScorer(net) if behaviour == "learner" else None
         parts = []
         agreements = []
         for i, (trace, tables) in enumerate(traces):
@@ -324,8 +333,10 @@ def dagger(
         def progress(epoch: int, loss: float, r=round_index) -> None:
             log(f"round {r} epoch {epoch + 1}/{config.epochs}: listwise loss {loss:.4f}")
 
-        net = fit_scorer(pool, config.hidden, config.epochs, config.lr, config.batch_size,
-                         config.seed + round_index, progress=progress)  # fmt: skip
+        horizon = config.horizon_tokens * traces[0][0].meta.num_layers * traces[0][0].meta.top_k  # in accesses
+        net = fit_scorer(pool, config.hidden, config.epochs, config.lr, config.batch_size, config.seed + round_index,
+                         progress=progress, soft_weight=config.soft_weight, horizon=horizon,
+                         temperature=config.temperature)  # fmt: skip
         result = evaluate(net, round_index)
         assert isinstance(result, RoundResult)
         result.behaviour, result.decisions, result.pool = behaviour, fresh.size, pool.size

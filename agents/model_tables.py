@@ -23,7 +23,7 @@ from moe_env.policy import ModelSpec
 from moe_env.trace import SequenceTrace, Trace
 
 FORMAT = "moe-env-model-tables"
-ARRAYS = ("popularity", "transition", "coactivation", "token_keys", "token_counts")
+ARRAYS = ("popularity", "transition", "coactivation", "token_keys", "token_counts", "next_counts")
 
 
 def sequence_tokens(sequence: SequenceTrace, vocab: list | None = None) -> list[int | None]:
@@ -44,7 +44,7 @@ def sequence_tokens(sequence: SequenceTrace, vocab: list | None = None) -> list[
     return keys
 
 
-def build_tables(trace: Trace, min_token_count: int = 3, max_tokens: int = 2000) -> ModelTables:
+def build_tables(trace: Trace, min_token_count: int = 3, max_tokens: int = 500) -> ModelTables:
     """Counts over every decode step of `trace` (a training split)."""
     meta = trace.meta
     num_layers, num_experts, top_k = meta.num_layers, meta.num_experts, meta.top_k
@@ -52,6 +52,7 @@ def build_tables(trace: Trace, min_token_count: int = 3, max_tokens: int = 2000)
     transition = np.zeros((num_layers, num_experts, num_experts))
     coactivation = np.zeros((num_layers, num_experts, num_experts))
     token_counts: dict[int, np.ndarray] = {}
+    next_counts: dict[int, np.ndarray] = {}
     token_seen: dict[int, int] = {}
     layer_ids = np.arange(num_layers)[None, :, None]
     vocab = meta.extra.get("vocab") if isinstance(meta.extra, dict) else None
@@ -76,6 +77,12 @@ def build_tables(trace: Trace, min_token_count: int = 3, max_tokens: int = 2000)
             ok = present[t]
             rows = np.broadcast_to(np.arange(num_layers)[:, None], experts[t].shape)
             np.add.at(counts, (rows[ok], experts[t][ok]), 1)
+            if t + 1 < len(tokens):  # what the NEXT forward pass routes to, given this input token
+                after = next_counts.get(key)
+                if after is None:
+                    after = next_counts[key] = np.zeros((num_layers, num_experts))
+                ok = present[t + 1]
+                np.add.at(after, (rows[ok], experts[t + 1][ok]), 1)
     frequent = sorted((k for k, n in token_seen.items() if n >= min_token_count), key=lambda k: -token_seen[k])
     frequent = frequent[:max_tokens]
     return ModelTables(
@@ -84,9 +91,15 @@ def build_tables(trace: Trace, min_token_count: int = 3, max_tokens: int = 2000)
         transition=transition.astype(np.float32),
         coactivation=coactivation.astype(np.float32),
         token_keys=np.asarray(frequent, dtype=np.int64),
-        token_counts=(np.stack([token_counts[k] for k in frequent]) if frequent
-                      else np.zeros((0, num_layers, num_experts))).astype(np.float32),
+        token_counts=_stack(token_counts, frequent, num_layers, num_experts),
+        next_counts=_stack(next_counts, frequent, num_layers, num_experts),
     )  # fmt: skip
+
+
+def _stack(counts: dict[int, np.ndarray], keys: list[int], num_layers: int, num_experts: int) -> np.ndarray:
+    empty = np.zeros((num_layers, num_experts))
+    rows = [counts.get(k, empty) for k in keys]
+    return (np.stack(rows) if rows else np.zeros((0, num_layers, num_experts))).astype(np.float32)
 
 
 def _add_pairs(table: np.ndarray, layers: np.ndarray, before: np.ndarray, after: np.ndarray) -> None:
@@ -104,6 +117,9 @@ def _stored(tables: ModelTables) -> dict[str, np.ndarray]:
         "coactivation": tables.coactivation.astype(np.float16),
         "token_keys": tables.token_keys.astype(np.int64),
         "token_counts": tables.token_counts.astype(np.float16),
+        "next_counts": (tables.next_counts if tables.next_counts is not None else tables.token_counts * 0).astype(
+            np.float16
+        ),
     }
 
 
@@ -160,10 +176,10 @@ def load_tables(path: str | os.PathLike, spec: ModelSpec | None = None) -> Model
         if arrays[name].shape != shape or not np.isfinite(arrays[name]).all():
             raise CheckpointError(f"{path}: array {name} has shape {arrays[name].shape}, expected {shape}")
     keys, counts = arrays["token_keys"], arrays["token_counts"]
-    if counts.shape != (len(keys), num_layers, num_experts):
+    if counts.shape != (len(keys), num_layers, num_experts) or arrays["next_counts"].shape != counts.shape:
         raise CheckpointError(f"{path}: token table of shape {counts.shape} for {len(keys)} tokens")
     return ModelTables(num_layers, num_experts, top_k, arrays["popularity"], arrays["transition"],
-                       arrays["coactivation"], keys, counts)  # fmt: skip
+                       arrays["coactivation"], keys, counts, arrays["next_counts"])  # fmt: skip
 
 
 def shipped_tables_dir() -> Path:

@@ -21,7 +21,8 @@ def save_pool(run_dir: Path, pool: Decisions) -> Path:
     fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=".pool.", suffix=".npz")
     os.close(fd)
     try:
-        np.savez(tmp, rows=pool.rows, target=pool.target, offsets=pool.offsets)
+        distance = pool.distance if pool.distance is not None else np.full(len(pool.rows), np.inf, np.float32)
+        np.savez(tmp, rows=pool.rows, target=pool.target, offsets=pool.offsets, distance=distance)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -33,7 +34,7 @@ def load_pool(run_dir: Path) -> Decisions:
     path = run_dir / "pool.npz"
     try:
         with np.load(path, allow_pickle=False) as data:
-            pool = Decisions(data["rows"], data["target"], data["offsets"])
+            pool = Decisions(data["rows"], data["target"], data["offsets"], data["distance"])
     except Exception as exc:  # missing or damaged
         raise CheckpointError(f"{path}: cannot resume from the decision pool ({type(exc).__name__})") from None
     if len(pool.target) != len(pool.rows) or pool.offsets[-1] != len(pool.rows):

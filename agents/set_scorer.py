@@ -55,6 +55,7 @@ class Decisions:
     rows: np.ndarray  # [R, F] float32
     target: np.ndarray  # [R] bool: Belady's choice (ties: every candidate with the farthest next use)
     offsets: np.ndarray  # [N + 1] int64
+    distance: np.ndarray | None = None  # [R] float32: accesses until the candidate's next use (inf: never)
 
     @property
     def size(self) -> int:
@@ -64,14 +65,18 @@ class Decisions:
     def concat(parts: list[Decisions]) -> Decisions:
         parts = [p for p in parts if p.size]
         if not parts:
-            return Decisions(np.zeros((0, 0), np.float32), np.zeros(0, bool), np.zeros(1, np.int64))
+            return Decisions(np.zeros((0, 0), np.float32), np.zeros(0, bool), np.zeros(1, np.int64), np.zeros(0))
         offsets = [parts[0].offsets]
         base = parts[0].offsets[-1]
         for p in parts[1:]:
             offsets.append(p.offsets[1:] + base)
             base += p.offsets[-1]
+        distance = None if any(p.distance is None for p in parts) else np.concatenate([p.distance for p in parts])
         return Decisions(
-            np.concatenate([p.rows for p in parts]), np.concatenate([p.target for p in parts]), np.concatenate(offsets)
+            np.concatenate([p.rows for p in parts]),
+            np.concatenate([p.target for p in parts]),
+            np.concatenate(offsets),
+            distance,
         )
 
     def select(self, decisions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -83,21 +88,41 @@ class Decisions:
         return first + np.arange(lengths.sum()), seg
 
 
-def listwise_loss(scores: torch.Tensor, target: torch.Tensor, seg: torch.Tensor, n: int) -> torch.Tensor:
-    """Mean over decisions of -log P(evict one of the targets), P = softmax of -score over the decision's rows."""
+def listwise_loss(scores: torch.Tensor, target: torch.Tensor, seg: torch.Tensor, n: int,
+                  soft: torch.Tensor | None = None, soft_weight: float = 1.0) -> torch.Tensor:  # fmt: skip
+    """Mean over decisions of -log P(evict one of the targets), P = softmax of -score over the decision's rows;
+    plus, with `soft` (per-row target probabilities summing to 1 per decision), the cross-entropy against them."""
     logits = -scores
     peak = torch.full((n,), -torch.inf).scatter_reduce(0, seg, logits.detach(), "amax")
     shifted = torch.exp(logits - peak[seg])
     every = torch.zeros(n).index_add(0, seg, shifted)
     chosen = torch.zeros(n).index_add(0, seg, shifted * target)
-    return (torch.log(every) - torch.log(chosen.clamp_min(1e-30))).mean()
+    log_every = torch.log(every)
+    loss = (log_every - torch.log(chosen.clamp_min(1e-30))).mean()
+    if soft is not None:
+        log_p = logits - peak[seg] - log_every[seg]
+        loss = loss - soft_weight * torch.zeros(n).index_add(0, seg, soft * log_p).mean()
+    return loss
+
+
+def soft_targets(distance: np.ndarray, seg: np.ndarray, n: int, horizon: float, temperature: float) -> np.ndarray:
+    """Per decision, a distribution over candidates rising with log next-use distance (capped at `horizon`):
+    ranks every candidate, not only the farthest (Belady's order, softened)."""
+    x = np.log1p(np.minimum(distance, horizon)) / temperature
+    peak = np.full(n, -np.inf)
+    np.maximum.at(peak, seg, x)
+    e = np.exp(x - peak[seg])
+    total = np.zeros(n)
+    np.add.at(total, seg, e)
+    return e / total[seg]
 
 
 Progress = Callable[[int, float], None]  # (epoch, mean loss)
 
 
 def fit_scorer(data: Decisions, hidden: int, epochs: int, lr: float, batch: int, seed: int,
-               net: SetScorerNet | None = None, progress: Progress | None = None) -> SetScorerNet:  # fmt: skip
+               net: SetScorerNet | None = None, progress: Progress | None = None, soft_weight: float = 0.0,
+               horizon: float = 1e4, temperature: float = 0.5) -> SetScorerNet:  # fmt: skip
     """Train (or continue training) a scorer on `data`; the feature standardisation is fixed from `data`."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -115,7 +140,11 @@ def fit_scorer(data: Decisions, hidden: int, epochs: int, lr: float, batch: int,
         for start in range(0, data.size, batch):
             chosen = order[start : start + batch]
             index, seg = data.select(chosen)
-            loss = listwise_loss(net(rows[index]), target[index], torch.from_numpy(seg), len(chosen))
+            soft = None
+            if soft_weight > 0 and data.distance is not None:
+                soft = torch.from_numpy(soft_targets(data.distance[index], seg, len(chosen), horizon, temperature))
+                soft = soft.float()
+            loss = listwise_loss(net(rows[index]), target[index], torch.from_numpy(seg), len(chosen), soft, soft_weight)
             opt.zero_grad()
             loss.backward()
             opt.step()

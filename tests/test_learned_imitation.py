@@ -185,3 +185,34 @@ def test_shipped_imitation_policy_runs_everywhere():
         assert result.hits + result.misses == simulate(target, "lru", capacity).hits + simulate(
             target, "lru", capacity
         ).misses
+
+
+def test_train_script_runs_resumes_and_refuses_bad_input(trace, tmp_path, capsys):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from moe_env.trace import save_trace
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("train_imitation", root / "train" / "imitation.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    data = save_trace(trace, tmp_path / "t.npz")
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"rounds": 1, "epochs": 1, "hidden": 8, "max_decisions_per_round": 500}))
+    run = tmp_path / "run"
+    common = ["--traces", f"{data}#0,1", "--validation", f"{data}#2", "--run-dir", str(run)]
+    assert script.main(["--config", str(config), *common]) == 0
+    for name in ("config.json", "command.txt", "log.txt", "round-0.pt", "best.pt", "pool.npz", "tables-0.npz"):
+        assert (run / name).is_file(), name
+    assert any((run / "tb").iterdir())
+    assert script.main(["--run-dir", str(run), "--resume", "--rounds", "2", *common[:4]]) == 0
+    assert (run / "round-1.pt").is_file()
+    summary = json.loads((run / "summary.json").read_text())
+    assert [r["round"] for r in summary["rounds"]] == [0, 1] and summary["rounds"][1]["behaviour"] == "learner"
+    assert simulate(trace, f"imitation:{run / 'best.pt'},tables={run / 'tables-0.npz'}", 3).hit_rate > 0
+    capsys.readouterr()
+    assert script.main(["--config", str(tmp_path / "missing.json"), *common[:4], "--run-dir", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot read config" in err[0]

@@ -35,11 +35,12 @@ from moe_env.agents.imitation import (
 )
 from moe_env.agents.model_tables import build_tables, load_tables, save_tables
 from moe_env.agents.run_state import load_pool, load_round, save_pool
-from moe_env.agents.traces import load_traces, split_validation
+from moe_env.agents.traces import split_validation
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from moe_env.errors import MoeEnvError, UsageError
+from moe_env.trace import load_trace
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "imitation.json"
 
@@ -92,9 +93,9 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError(f"{len(validation_specs)} --validation for {len(specs)} --traces: give one per trace")
         training, validation = [], []
         for i, spec in enumerate(specs):
-            trace = load_traces(spec)
+            trace = load_trace(spec)
             if validation_specs:
-                part, held = trace, load_traces(validation_specs[i])
+                part, held = trace, load_trace(validation_specs[i])
             else:
                 part, held = split_validation(trace)
             tables_path = run_dir / f"tables-{i}.npz"

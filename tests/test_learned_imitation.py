@@ -178,8 +178,12 @@ def test_model_tables_round_trip_and_corruption(tmp_path):
 
 def test_shipped_imitation_policy_runs_everywhere():
     policy = ImitationPolicy()
-    for spec in ("builtin:tiny-mixtral/eval#0,1", "builtin:tiny-olmoe/eval#0,1"):
-        target = load_trace(spec)
+    for spec in ("builtin:tiny-mixtral/eval#0,1", "builtin:tiny-olmoe/eval#0,1", "tokenless"):
+        if spec == "tokenless":
+            base = load_trace("builtin:tiny-mixtral/eval#0,1")
+            target = no_signals(Trace(base.meta, [replace(s, output_ids=None) for s in base.sequences]))
+        else:
+            target = load_trace(spec)
         capacity = target.meta.top_k + 2
         result = simulate(target, policy, capacity)
         assert result.hits + result.misses == simulate(target, "lru", capacity).hits + simulate(

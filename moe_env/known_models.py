@@ -21,10 +21,17 @@ def known_model(name: str) -> ExpertProfile | None:
 
 
 def resolve_shape(
-    name: str, num_layers: int, top_k: int, seen_experts: int, num_experts: int | None, where: str
+    name: str,
+    num_layers: int,
+    top_k: int,
+    seen_experts: int,
+    num_experts: int | None,
+    where: str,
+    distinct_experts: int | None = None,
 ) -> int:
     """The expert count of a log of model `name` with `num_layers` layers, top-`top_k` routing and ids up to
-    ``seen_experts - 1``; `num_experts` is the user's override. Refuses what contradicts the known model."""
+    ``seen_experts - 1``; `num_experts` is the user's override. Refuses what contradicts the known model, and an
+    inferred count that the ids do not fill (`distinct_experts` ids used of 0..seen-1: a stray id, not a shape)."""
     profile = known_model(name)
     if profile is not None:
         if (num_layers, top_k) != (profile.num_layers, profile.top_k):
@@ -38,6 +45,11 @@ def resolve_shape(
                 f"{where}: {name} has {profile.num_experts} experts, not --num-experts {num_experts}"
             )
         num_experts = profile.num_experts
+    if num_experts is None and distinct_experts is not None and distinct_experts * 2 < seen_experts:
+        raise TraceFormatError(
+            f"{where}: expert ids reach {seen_experts - 1} but only {distinct_experts} distinct ids are used "
+            "(a stray id?); fix the log, or confirm the count with --num-experts E"
+        )
     num_experts = num_experts or seen_experts
     if seen_experts > num_experts:
         raise TraceFormatError(

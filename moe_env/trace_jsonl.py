@@ -67,7 +67,8 @@ def import_jsonl_routing(
     top_k = records.experts.shape[1]
     num_layers = int(records.layer.max()) + 1
     seen = int(records.experts.max()) + 1
-    num_experts = resolve_shape(name, num_layers, top_k, seen, num_experts, str(path))
+    distinct = len(np.unique(records.experts))
+    num_experts = resolve_shape(name, num_layers, top_k, seen, num_experts, str(path), distinct_experts=distinct)
     extra: dict[str, Any] = {"source_file": path.name}
     if records.datasets:
         extra["dataset"] = ",".join(records.datasets)

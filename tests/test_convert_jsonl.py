@@ -121,3 +121,15 @@ def test_real_mixtral_log_fast_path_equals_the_line_reader() -> None:
     _same_records(fast, _read_slow(REAL_LOG, None))
     trace = import_jsonl_routing(REAL_LOG)
     assert all(s.prefill_experts is None for s in trace.sequences)  # token_idx never restarts: all decode
+
+
+def test_a_stray_expert_id_is_refused_not_taken_as_the_shape(tmp_path: Path, capsys) -> None:
+    lines = [_line(0, 0, [t % 8, (t + 1) % 8], token=t) for t in range(16)]
+    path = _write(tmp_path, [*lines, _line(0, 0, [3, 9999], token=16)])
+    out = tmp_path / "t.npz"
+    assert main(["convert", str(path), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "expert ids reach 9999 but only 9 distinct ids" in err[0] and "--num-experts" in err[0]
+    assert not out.exists()
+    assert import_jsonl_routing(path, num_experts=10000).meta.num_experts == 10000  # confirmed by the user
+    assert import_jsonl_routing(_write(tmp_path, lines, "clean.jsonl")).meta.num_experts == 8

@@ -39,6 +39,7 @@ from moe_env.agents.traces import split_validation
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+from moe_env.error_boundary import run_reporting_errors
 from moe_env.errors import MoeEnvError, UsageError
 from moe_env.trace import load_trace
 
@@ -73,7 +74,7 @@ def load_config(args: argparse.Namespace, run_dir: Path) -> ImitationConfig:
     return config
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
     torch_threads(1)
     try:
@@ -195,6 +196,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _rounded(report: dict) -> dict:
     return {Path(label).name: {c: round(v["gap_captured"], 3) for c, v in per.items()} for label, per in report.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    # a policy plug-in failing inside training or the final table: one line and exit 2, not a traceback
+    return run_reporting_errors("imitation.py", lambda: _main(argv))
 
 
 if __name__ == "__main__":

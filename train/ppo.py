@@ -33,6 +33,7 @@ from moe_env.agents.ppo_train import resolve_prior, resume_checkpoint, train_ppo
 from moe_env.agents.traces import Splits, make_splits
 
 from moe_env.env import default_capacity
+from moe_env.error_boundary import run_reporting_errors
 from moe_env.errors import MoeEnvError, UsageError
 from moe_env.outputs import check_writable_dir, check_writable_file
 from moe_env.sim import check_capacity, model_spec
@@ -103,7 +104,7 @@ def tune_main(args: argparse.Namespace, config: PPOConfig, splits: Splits) -> in
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
     log = (lambda msg: print(msg, file=sys.stderr)) if args.json else print
     try:
@@ -146,6 +147,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    # a policy plug-in failing inside training or the final table: one line and exit 2, not a traceback
+    return run_reporting_errors("ppo.py", lambda: _main(argv))
 
 
 if __name__ == "__main__":

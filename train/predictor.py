@@ -35,6 +35,7 @@ from moe_env.agents.predictor import (
 from moe_env.agents.traces import make_splits
 
 from moe_env.env import MoEOffloadEnv, default_capacity
+from moe_env.error_boundary import run_reporting_errors
 from moe_env.errors import MoeEnvError
 from moe_env.outputs import check_writable_file
 from moe_env.sim import check_capacity, model_spec
@@ -58,7 +59,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(1)
     log = (lambda msg: print(msg, file=sys.stderr)) if args.json else print
@@ -115,6 +116,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"train/predictor.py: error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    # a policy plug-in failing inside training or the final table: one line and exit 2, not a traceback
+    return run_reporting_errors("predictor.py", lambda: _main(argv))
 
 
 if __name__ == "__main__":

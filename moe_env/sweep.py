@@ -14,11 +14,13 @@ Traces travel through Ray's object store once per run, not once per task.
 from __future__ import annotations
 
 import itertools
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
+from tqdm import tqdm
 
 from moe_env.costmodel import CostModel
 from moe_env.errors import MoeEnvError, UsageError
@@ -80,10 +82,21 @@ class SerialRunner:
     parallelism = 1
 
     def run(self, trace: Trace, cost: CostModel, shards: Sequence[Shard]) -> list[SimTally]:
-        return [run_shard(trace, cost, shard) for shard in shards]
+        with replay_progress(len(shards)) as bar:
+            tallies = []
+            for shard in shards:
+                tallies.append(run_shard(trace, cost, shard))
+                bar.update()
+            return tallies
 
     def close(self) -> None:
         return None
+
+
+def replay_progress(total: int) -> tqdm:
+    """A bar of replays on stderr, on a terminal only (long bench runs; logs and --json pipes stay clean)."""
+    return tqdm(total=total, desc="replays", unit="replay", file=sys.stderr, leave=False,
+                disable=not sys.stderr.isatty())  # fmt: skip
 
 
 def import_ray(option: str) -> Any:
@@ -121,6 +134,11 @@ class RayRunner:
         trace_ref, cost_ref = self._put(trace, cost)
         pending = [self._task.remote(trace_ref, cost_ref, shard) for shard in shards]
         try:
+            with replay_progress(len(pending)) as bar:
+                remaining = list(pending)
+                while remaining:  # wait for any, to move the bar; results are read in submission order
+                    done, remaining = self._ray.wait(remaining, num_returns=1)
+                    bar.update(len(done))
             return self._ray.get(pending)
         except self._ray.exceptions.RayTaskError as exc:
             if isinstance(exc.cause, MoeEnvError):  # a bad spec or a buggy plug-in: its own one-line error

@@ -34,6 +34,23 @@ class Splits:
     note: str  # one line: how the sets were made
     warnings: list[str]  # partial overlaps (repeated prompts), to print
 
+    def checked_capacity(self, capacity: int | None) -> int:
+        """The slots per layer to train at (half the experts when None), valid for every set, whose model must be
+        the training set's: refused before any training starts."""
+        from moe_env.agents.checkpoint import check_model, spec_dict
+
+        from moe_env.env import default_capacity
+        from moe_env.sim import check_capacity, model_spec
+
+        meta = self.train.meta
+        capacity = default_capacity(meta.num_experts, meta.top_k) if capacity is None else capacity
+        for trace in (self.train, self.validation, self.evaluation):
+            check_capacity(trace.meta, capacity)
+        trained_for = spec_dict(model_spec(meta))
+        check_model(trained_for, model_spec(self.validation.meta), "--validation-traces")
+        check_model(trained_for, model_spec(self.evaluation.meta), "--eval-traces")
+        return capacity
+
 
 def split_validation(trace: Trace, fraction: float = 0.2, label: str = "the training traces") -> tuple[Trace, Trace]:
     """(train, validation): the last `fraction` of the sequences (at least one) for validation. Fewer than two

@@ -25,18 +25,15 @@ import sys
 import time
 from pathlib import Path
 
-from moe_env.agents.checkpoint import check_model, spec_dict
 from moe_env.agents.configs import load_config
 from moe_env.agents.evaluate import compare, json_text, report, write_text_atomically
 from moe_env.agents.ppo import PPOConfig
 from moe_env.agents.ppo_train import resolve_prior, resume_checkpoint, train_ppo, write_run_files
 from moe_env.agents.traces import Splits, make_splits
 
-from moe_env.env import default_capacity
 from moe_env.error_boundary import run_reporting_errors
 from moe_env.errors import MoeEnvError, UsageError
 from moe_env.outputs import check_writable_dir, check_writable_file
-from moe_env.sim import check_capacity, model_spec
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "ppo.json"
 POSITIVE = ("total_timesteps", "n_envs", "n_steps", "batch_size", "n_epochs", "learning_rate", "eval_every",
@@ -118,12 +115,7 @@ def _main(argv: list[str] | None) -> int:
         if args.tune:
             return tune_main(args, config, splits)
         meta = splits.train.meta
-        capacity = default_capacity(meta.num_experts, meta.top_k) if config.capacity is None else config.capacity
-        for trace in (splits.train, splits.validation, splits.evaluation):
-            check_capacity(trace.meta, capacity)
-        trained_for = spec_dict(model_spec(meta))
-        check_model(trained_for, model_spec(splits.validation.meta), "--validation-traces")
-        check_model(trained_for, model_spec(splits.evaluation.meta), "--eval-traces")
+        capacity = splits.checked_capacity(config.capacity)
         run_dir = Path(args.run_dir or f"runs/ppo-{meta.model or 'unnamed'}-{time.strftime('%Y%m%d-%H%M%S')}")
         check_writable_dir(run_dir, "--run-dir")
         if args.resume:

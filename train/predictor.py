@@ -21,7 +21,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from moe_env.agents.checkpoint import check_model, spec_dict
 from moe_env.agents.configs import load_config
 from moe_env.agents.evaluate import compare, json_safe, json_text, report, write_text_atomically
 from moe_env.agents.predictor import (
@@ -34,11 +33,10 @@ from moe_env.agents.predictor import (
 )
 from moe_env.agents.traces import make_splits
 
-from moe_env.env import MoEOffloadEnv, default_capacity
+from moe_env.env import MoEOffloadEnv
 from moe_env.error_boundary import run_reporting_errors
 from moe_env.errors import MoeEnvError
 from moe_env.outputs import check_writable_file
-from moe_env.sim import check_capacity, model_spec
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "predictor.json"
 POSITIVE = ("hidden", "epochs", "batch_size", "lr")
@@ -67,12 +65,7 @@ def _main(argv: list[str] | None) -> int:
         config = load_config(PredictorConfig, args.config, {"epochs": args.epochs, "seed": args.seed}, POSITIVE)
         splits = make_splits(args.traces, args.eval_traces, args.validation_traces)
         meta = splits.train.meta
-        capacity = default_capacity(meta.num_experts, meta.top_k) if args.capacity is None else args.capacity
-        for trace in (splits.train, splits.validation, splits.evaluation):
-            check_capacity(trace.meta, capacity)
-        trained_for = spec_dict(model_spec(meta))
-        check_model(trained_for, model_spec(splits.validation.meta), "--validation-traces")
-        check_model(trained_for, model_spec(splits.evaluation.meta), "--eval-traces")
+        capacity = splits.checked_capacity(args.capacity)
         out = Path(args.out or f"runs/predictor-{meta.model or 'unnamed'}.pt")
         check_writable_file(out, "--out")
         check_writable_file(out.with_suffix(".json"), "--out")

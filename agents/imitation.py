@@ -81,17 +81,12 @@ def default_capacities(num_experts: int, top_k: int) -> list[int]:
 # ----------------------------------------------------------------------------------------------- the plug-in
 
 
-class ScorerEviction(Policy):
-    """Evicts the candidate with the lowest set-scorer score; `tables`: ModelTables, None, or "shipped" (by shape).
+class CandidateFeaturePolicy(Policy):
+    """A policy that keeps CandidateFeatures up to date; `tables`: ModelTables, None, or "shipped" (by shape), or
+    a tables path. Online statistics are kept across the sequences of one run (a server learns while it serves)."""
 
-    Online statistics are kept across the sequences of one run (a server learns while it serves)."""
-
-    def __init__(self, scorer: NumpyScorer, tables: ModelTables | str | None = "shipped"):
-        self.scorer = scorer
-        self.tables = tables
-        self.features: CandidateFeatures | None = None
-        self._scored: np.ndarray | None = None
-        self._scores = np.zeros(0)
+    tables: ModelTables | str | None = None
+    features: CandidateFeatures | None = None
 
     def _tables(self, spec: ModelSpec) -> ModelTables | None:
         if isinstance(self.tables, str):
@@ -109,6 +104,17 @@ class ScorerEviction(Policy):
 
     def observe(self, event: RouteEvent, cache: CacheView) -> None:
         self.features.update(event, cache.clock)
+
+
+class ScorerEviction(CandidateFeaturePolicy):
+    """Evicts the candidate with the lowest set-scorer score."""
+
+    def __init__(self, scorer: NumpyScorer, tables: ModelTables | str | None = "shipped"):
+        self.scorer = scorer
+        self.tables = tables
+        self.features = None
+        self._scored: np.ndarray | None = None
+        self._scores = np.zeros(0)
 
     def eviction_scores(self, layer: int, candidates: np.ndarray, cache: CacheView) -> np.ndarray:
         if len(candidates) == 1:
@@ -179,7 +185,7 @@ def needed_signals(pool: Decisions) -> list[str]:
 # -------------------------------------------------------------------------------------------------- training
 
 
-class DecisionCollector(Policy):
+class DecisionCollector(CandidateFeaturePolicy):
     """Records (candidate rows, Belady's label) at every eviction and evicts as ``behaviour`` says."""
 
     needs_future = True
@@ -191,22 +197,11 @@ class DecisionCollector(Policy):
         self.behaviour, self.scorer, self.beta, self.keep = behaviour, scorer, beta, keep
         self.tables = tables
         self.rng = np.random.default_rng(seed)
-        self.features: CandidateFeatures | None = None
+        self.features = None
         self.rows: list[np.ndarray] = []
         self.targets: list[np.ndarray] = []
         self.distances: list[np.ndarray] = []
         self.agree = self.decisions = 0
-
-    def reset(self, spec: ModelSpec, capacity: int) -> None:
-        super().reset(spec, capacity)
-        if self.features is None or self.features.spec != spec or self.features.capacity != capacity:
-            self.features = CandidateFeatures(spec, capacity, self.tables)
-
-    def begin_sequence(self, cache: CacheView) -> None:
-        self.features.begin_sequence()
-
-    def observe(self, event: RouteEvent, cache: CacheView) -> None:
-        self.features.update(event, cache.clock)
 
     def eviction_scores(self, layer: int, candidates: np.ndarray, cache: CacheView) -> np.ndarray:
         if len(candidates) == 1:

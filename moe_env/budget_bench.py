@@ -3,12 +3,14 @@
 ``moe-env bench --cache-budget ... --allocation ...`` runs this: every (policy, prefetch, allocation) at every total
 budget, cold or warm, and for each the fewest bytes that reach LRU-uniform's hit rate at the reference budget. A
 uniform allocation moves in whole slots per layer (steps of num_layers slots); shared and profile move one slot
-(one expert's bytes) at a time. The search bisects on the total: hit rate is near-monotone in the budget, and the
-answer is checked to be locally minimal (one step less misses the target).
+(one expert's bytes) at a time. Every probe of the search is a whole replay, so it takes few (``least_meeting``:
+a bracket grown from the reference budget, shrunk by interpolation on the hit-rate curve with a bisection
+safeguard); hit rate is near-monotone in the budget, and the answer is locally minimal (one step less misses).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -153,31 +155,70 @@ class BudgetBench:
     def iso_bytes(self, policy: str, prefetch: str, allocation: str, reference: int) -> IsoBytes:
         target = self.result(*REFERENCE, reference)
         reference_used = self.layout("uniform", reference).total_slots
-
-        def meets(total: int) -> bool:
-            result = self.result(policy, prefetch, allocation, total)
-            if prefetch == "none":
-                return result.hit_rate >= target.hit_rate
-            return result.stall_s_per_token <= target.stall_s_per_token
-
         totals = range(self.lowest(allocation), self.num_layers * self.num_experts + 1, self.step(allocation))
-        needed: int | None = None
-        if meets(totals[-1]):
-            lo, hi = 0, len(totals) - 1  # meets(totals[hi]) holds; find the least index that meets
-            while lo < hi:
-                mid = (lo + hi) // 2
-                if meets(totals[mid]):
-                    hi = mid
-                else:
-                    lo = mid + 1
-            while hi > 0 and meets(totals[hi - 1]):  # a near-monotone curve: settle on a local minimum
-                hi -= 1
-            needed = totals[hi]
+        start = min(max(0, (reference - totals.start) // totals.step), len(totals) - 1)
+        if prefetch == "none":
+            found = least_meeting(len(totals), lambda i: self.result(policy, prefetch, allocation, totals[i]).hit_rate,
+                                  target.hit_rate, start)  # fmt: skip
+        else:  # a prefetched "hit" may still wait for its copy: the target is LRU's stall per token
+            found = least_meeting(len(totals), lambda i: -self.result(policy, prefetch, allocation, totals[i])
+                                  .stall_s_per_token, -target.stall_s_per_token, start)  # fmt: skip
+        needed = None if found is None else totals[found]
         used = None if needed is None else self.layout(allocation, needed).total_slots
         return IsoBytes(
             self.label, policy, prefetch, allocation, reference_used, reference_used * self.cost.expert_bytes,
             target.hit_rate, used, None if used is None else used * self.cost.expert_bytes,
         )  # fmt: skip
+
+
+def least_meeting(count: int, value: Callable[[int], float], target: float, start: int) -> int | None:
+    """The least index i in 0..count-1 with value(i) >= target, value near-monotone increasing in i (a hit rate
+    against the budget), in few probes: each probe is a whole replay. A bracket grows from `start` (the reference
+    budget: the answer is usually near it) in doubling steps, then shrinks by the secant through the two latest
+    probes, with a bisection whenever a step is not half the one before the last (Brent's safeguard). The answer
+    meets the target and the index below it does not (a local minimum where the curve is not monotone); None if
+    even count-1 misses."""
+    values: dict[int, float] = {}
+
+    def probe(i: int) -> float:
+        if i not in values:
+            values[i] = value(i)
+        return values[i]
+
+    miss, meet = (None, start) if probe(start) >= target else (start, None)  # below / at the boundary
+    step = max(1, count // 32)
+    while meet is None:
+        i = min(count - 1, miss + step)
+        if probe(i) >= target:
+            meet = i
+        elif i == count - 1:
+            return None
+        else:
+            miss, step = i, 2 * step
+    while miss is None:
+        i = max(0, meet - step)
+        if probe(i) < target:
+            miss = i
+        elif i == 0:
+            return 0
+        else:
+            meet, step = i, 2 * step
+    latest = list(values)[-2:]  # the secant runs through the two latest probes
+    moves: list[int] = []  # how far each shrinking probe moved from the one before
+    while meet - miss > 1:
+        (i0, v0), (i1, v1) = ((i, values[i]) for i in latest)
+        i = (miss + meet) // 2
+        if v0 != v1:  # where the secant crosses the target, unless it converges slower than bisection would
+            guess = min(max(math.ceil(i1 + (target - v1) * (i1 - i0) / (v1 - v0) - 1e-9), miss + 1), meet - 1)
+            if len(moves) < 2 or 2 * abs(guess - i1) <= moves[-2]:
+                i = guess
+        moves.append(abs(i - i1))
+        if probe(i) >= target:
+            meet = i
+        else:
+            miss = i
+        latest = [i1, i]
+    return meet
 
 
 def print_rows(rows: list[BudgetRow], benches: list[BudgetBench]) -> None:

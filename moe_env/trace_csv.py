@@ -193,51 +193,59 @@ def _refuse_repeats(experts: np.ndarray, where) -> None:
         raise TraceFormatError(f"{where(row)}: experts {experts[row].tolist()} repeat an expert")
 
 
+# which pairs of neighbouring bytes the grammar of an expert list ``[8, 26, 56]`` allows; index: first byte +
+# 256 x second (a little-endian uint16 view of the text)
+_DIGITS = list(range(ord("0"), ord("9") + 1))
+_ALLOWED_PAIRS = np.zeros(65536, dtype=bool)
+for _first, _second in [(ord("["), d) for d in _DIGITS] + [(d, e) for d in _DIGITS for e in _DIGITS] + [
+    (d, ord(c)) for d in _DIGITS for c in ",]"] + [(ord(","), ord(" ")), (ord("]"), ord("["))] + [
+    (ord(c), d) for d in _DIGITS for c in ", "]:  # fmt: skip
+    _ALLOWED_PAIRS[_first + 256 * _second] = True
+_TO_SPACES = bytes.maketrans(b"[],", b"   ")
+_INT_LIST = re.compile(r"\[\d+(, ?\d+)*\]")
+
+
 def parse_int_lists(strings: pa.Array, where) -> np.ndarray:
     """Strings like ``"[8, 26, 56]"`` (one list a row, the same length in every row) -> int64 array [rows, k].
 
-    The rows' bytes are contiguous in the Arrow buffer, so once every row is checked to be one bracketed list
-    with single spaces after its commas, the buffer with ``][`` turned into newlines is a headerless CSV of k
-    integer columns: pyarrow's CSV reader parses it at C speed. A malformed row names ``where(row)``."""
+    The rows' bytes are contiguous in the Arrow buffer, so the column is checked and parsed as one byte string:
+    every pair of neighbouring bytes must be one that the grammar ``[D, D, ..., D]`` allows (D: digits; a comma,
+    then at most one space, between them; ``][`` between rows), with a bracket exactly at each row's ends and
+    the same number of commas in every row; then brackets and commas become spaces and numpy reads the integers
+    (``np.fromstring``, C speed). A malformed row names ``where(row)``."""
     rows = len(strings)
-    commas = pc.count_substring(strings, ",").to_numpy()
-    wellformed = pc.and_(
-        pc.and_(pc.starts_with(strings, "["), pc.ends_with(strings, "]")),
-        pc.and_(pc.equal(pc.count_substring(strings, "["), 1), pc.equal(pc.count_substring(strings, "]"), 1)),
-    ).to_numpy(zero_copy_only=False)
-    spaces_ok = pc.equal(pc.count_substring(strings, " "), pc.count_substring(strings, ", ")).to_numpy(
-        zero_copy_only=False
-    )
-    bad = ~wellformed | ~spaces_ok | (commas != commas[0]) | (pc.utf8_length(strings).to_numpy() < 3)
-    if bad.any():
-        _malformed(strings, int(np.flatnonzero(bad)[0]), where)
-    k = int(commas[0]) + 1
     strings = strings.cast(pa.large_string()) if strings.type != pa.large_string() else strings
     _, offsets_buf, data_buf = strings.buffers()
     offsets = np.frombuffer(offsets_buf, dtype=np.int64)[strings.offset : strings.offset + rows + 1]
-    blob = memoryview(data_buf)[offsets[0] + 1 : offsets[-1] - 1].tobytes().replace(b"][", b"\n")
-    columns = [f"e{i}" for i in range(k)]
-    try:
-        table = pacsv.read_csv(
-            pa.py_buffer(blob),
-            read_options=pacsv.ReadOptions(column_names=columns),
-            convert_options=pacsv.ConvertOptions(column_types=dict.fromkeys(columns, pa.int64()), null_values=[""]),
-        )
-    except pa.ArrowInvalid:
-        table = None
-    if table is None or table.num_rows != rows or any(table.column(c).null_count for c in columns):
-        for row in range(rows):  # rare: find the offending row the slow way
-            if not _is_int_list(strings[row].as_py()):
-                _malformed(strings, row, where)
-        raise TraceFormatError(f"{where(0)}: expert id lists could not be parsed")
-    values = np.stack([table.column(c).to_numpy() for c in columns], axis=1)
-    if (values < 0).any():
-        _malformed(strings, int(np.flatnonzero((values < 0).any(axis=1))[0]), where)
-    return values
+    if strings.null_count or (np.diff(offsets) < 3).any():
+        _first_malformed(strings, 0, where)
+    raw = memoryview(data_buf)[offsets[0] : offsets[-1]].tobytes()
+    text = np.frombuffer(raw, dtype=np.uint8)
+    starts, ends = offsets[:-1] - offsets[0], offsets[1:] - offsets[0] - 1  # each row's first and last byte
+    for shift in (0, 1):  # the pairs (0, 1), (2, 3), ... then (1, 2), (3, 4), ...
+        pairs = np.frombuffer(raw, dtype="<u2", offset=shift, count=(len(raw) - shift) // 2)
+        allowed = _ALLOWED_PAIRS[pairs]
+        if not allowed.all():
+            _first_malformed(strings, int(np.searchsorted(starts, 2 * np.argmin(allowed) + shift, "right")) - 2, where)
+    for bracket, at in ((ord("["), starts), (ord("]"), ends)):
+        if not (text[at] == bracket).all() or np.count_nonzero(text == bracket) != rows:
+            _first_malformed(strings, int(np.argmin(text[at] == bracket)) - 1, where)
+    commas = np.diff(np.searchsorted(np.flatnonzero(text == ord(",")), np.r_[starts, len(text)]))
+    if (commas != commas[0]).any():
+        _malformed(strings, int(np.argmax(commas != commas[0])), where)
+    values = np.fromstring(raw.translate(_TO_SPACES), dtype=np.int64, sep=" ")
+    if len(values) != rows * (int(commas[0]) + 1):
+        raise AssertionError("expert lists checked but not read whole")  # the grammar check let a bad row by
+    return values.reshape(rows, int(commas[0]) + 1)
 
 
-def _is_int_list(text: str) -> bool:
-    return re.fullmatch(r"\[\d+(, \d+)*\]", text) is not None
+def _first_malformed(strings: pa.Array, suspect: int, where) -> None:
+    """The vectorised check found a bad byte near row `suspect`: name the first row that is not a list."""
+    for row in range(max(0, suspect), len(strings)):
+        text = strings[row].as_py()
+        if text is None or _INT_LIST.fullmatch(text) is None:
+            _malformed(strings, row, where)
+    raise AssertionError("a malformed expert list was detected but not found")  # the two checks disagree: a bug
 
 
 def _malformed(strings: pa.Array, row: int, where) -> None:

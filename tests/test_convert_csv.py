@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from moe_env.cli import main
 from moe_env.errors import MoeEnvError, UsageError
@@ -220,3 +222,49 @@ def test_reference_hit_rates_on_a_dsv2lite_subset(dsv2, slots) -> None:
         result = simulate(subset, policy, slots, "consumer-pcie4")
         assert result.hits + result.misses == subset.num_accesses
         assert result.hit_rate == pytest.approx(expected, abs=0.0005), (policy, slots)
+
+
+def _reference_int_lists(texts: list[str]) -> np.ndarray | int:
+    """What parse_int_lists must return: the rows' integers, or the first row that is not ``[D, D, ...]`` with
+    as many numbers as the first row (the bad row the error names)."""
+    import re
+
+    parsed = []
+    for row, text in enumerate(texts):
+        if re.fullmatch(r"\[\d+(, ?\d+)*\]", text) is None:
+            return row
+        parsed.append([int(v) for v in re.findall(r"\d+", text)])
+        if len(parsed[-1]) != len(parsed[0]):
+            return row
+    return np.asarray(parsed, dtype=np.int64)
+
+
+_LIST_PIECES = st.sampled_from(["[", "]", ",", ", ", " ", "0", "7", "12", "63", "x", "-", "[]", "][", ",,"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    rows=st.lists(st.lists(st.integers(0, 999), min_size=3, max_size=3), min_size=1, max_size=6),
+    spaced=st.lists(st.booleans(), min_size=6, max_size=6),
+    damage=st.one_of(st.none(), st.tuples(st.integers(0, 5), st.integers(0, 30), st.lists(_LIST_PIECES, max_size=3))),
+)
+def test_expert_lists_parse_as_the_grammar_says(rows, spaced, damage) -> None:
+    """The vectorised parser agrees with a per-row regular expression on well-formed lists and on damaged ones
+    (a piece inserted or a byte replaced): the same integers, or the same first bad row."""
+    import pyarrow as pa
+
+    from moe_env.errors import TraceFormatError
+    from moe_env.trace_csv import parse_int_lists
+
+    texts = ["[" + (", " if spaced[i] else ",").join(map(str, row)) + "]" for i, row in enumerate(rows)]
+    if damage is not None:
+        row, at, pieces = damage
+        row %= len(texts)
+        at %= len(texts[row]) + 1
+        texts[row] = texts[row][:at] + "".join(pieces) + texts[row][at + 1 :]
+    expected = _reference_int_lists(texts)
+    if isinstance(expected, np.ndarray):
+        assert np.array_equal(parse_int_lists(pa.array(texts), lambda r: f"row {r}"), expected)
+    else:
+        with pytest.raises(TraceFormatError, match=rf"^row {expected}: expert ids"):
+            parse_int_lists(pa.array(texts), lambda r: f"row {r}")

@@ -16,13 +16,16 @@ the trace has tokens); never the future. Three kinds of state:
   online statistics; without it they start empty.
 
 Signals a trace may lack (gate weights, gate logits, lookahead logits, tokens) are zero with a "missing"
-indicator column, so a checkpoint trained where they exist still runs where they do not.
+indicator column, so a checkpoint trained where they exist still runs where they do not. ``begin_sequence(hidden=
+...)`` hides signals (names in HIDEABLE) for one sequence as if the trace lacked them: training with such
+signal dropout shows the scorer both states, so one checkpoint is good with and without them.
 """
 
 from __future__ import annotations
 
 import math
 import zlib
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import numpy as np
@@ -56,6 +59,7 @@ FEATURES: tuple[str, ...] = (
     "top_k_per_slot",  # k / capacity
 )
 NUM_FEATURES = len(FEATURES)
+HIDEABLE: tuple[str, ...] = ("tokens", "gate weights", "gate logits", "lookahead")
 WINDOW = 8
 FAST, SLOW = 0.5, 0.9
 SMOOTHING = 2.0  # virtual observations (at the layer's long-run share) behind each conditional estimate
@@ -128,7 +132,12 @@ class CandidateFeatures:
         self._col = {name: i for i, name in enumerate(FEATURES)}
         self.begin_sequence()
 
-    def begin_sequence(self) -> None:
+    def begin_sequence(self, hidden: Collection[str] = ()) -> None:
+        """A new sequence; `hidden` signals (HIDEABLE) are ignored in it, as if the trace lacked them."""
+        unknown = set(hidden) - set(HIDEABLE)
+        if unknown:
+            raise ValueError(f"cannot hide {sorted(unknown)}: hideable signals are {HIDEABLE}")
+        self.hidden = frozenset(hidden)
         num_layers, num_experts = self.spec.num_layers, self.spec.num_experts
         shape = (num_layers, num_experts)
         self.step = 0
@@ -166,7 +175,11 @@ class CandidateFeatures:
         experts = list(event.experts)
         step = max(event.step, 0)
         self.step = step
-        token = event_token(event)
+        hidden = self.hidden
+        token = None if "tokens" in hidden else event_token(event)
+        weights = None if "gate weights" in hidden else event.weights
+        gate_logits = None if "gate logits" in hidden else event.gate_logits
+        lookahead_logits = None if "lookahead" in hidden else event.lookahead_logits
         if not event.prefill and step != self.token_step:
             self.previous_input = self.token if self.token_step == step - 1 else None
             self.token_step = step
@@ -182,9 +195,9 @@ class CandidateFeatures:
         self.slow[layer, experts] += 1.0
         self.count[layer, experts] += 1.0
         self.last_step[layer, experts] = step
-        if event.weights is not None:
+        if weights is not None:
             self.has_weight = True
-            self.last_weight[layer, experts] = np.asarray(event.weights, dtype=np.float64)[: len(experts)]
+            self.last_weight[layer, experts] = np.asarray(weights, dtype=np.float64)[: len(experts)]
         if event.prefill:
             self.popularity[layer, experts] += 1.0
             return
@@ -215,11 +228,11 @@ class CandidateFeatures:
             if counts is None:
                 counts = self.next_counts[self.previous_input] = np.zeros(shape)
             counts[layer, experts] += 1.0
-        self.has_gate[layer] = event.gate_logits is not None
-        if event.gate_logits is not None:
-            self.gate[layer] = _softmax(event.gate_logits)
-        if event.lookahead_logits is not None and layer + 1 < self.spec.num_layers:
-            self.lookahead[layer + 1] = _softmax(event.lookahead_logits)
+        self.has_gate[layer] = gate_logits is not None
+        if gate_logits is not None:
+            self.gate[layer] = _softmax(gate_logits)
+        if lookahead_logits is not None and layer + 1 < self.spec.num_layers:
+            self.lookahead[layer + 1] = _softmax(lookahead_logits)
             self.lookahead_step[layer + 1] = step
 
     # -- features --------------------------------------------------------------------------------------------

@@ -24,7 +24,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from moe_env.agents.candidate_features import FEATURES, NUM_FEATURES, CandidateFeatures, ModelTables, event_token
+from moe_env.agents.candidate_features import (
+    FEATURES,
+    HIDEABLE,
+    NUM_FEATURES,
+    CandidateFeatures,
+    ModelTables,
+    event_token,
+)
 from moe_env.agents.checkpoint import PolicyCheckpoint, load_checkpoint, load_weights, save_checkpoint
 from moe_env.agents.model_tables import find_shipped_tables, load_tables
 from moe_env.agents.set_scorer import Decisions, NumpyScorer, SetScorerNet, fit_scorer
@@ -62,6 +69,15 @@ class ImitationConfig:
     capacities: list[int] | None = None  # None: a quarter, half and three quarters of the experts (>= top-k + 1)
     max_sequences: int | None = None  # None: every training sequence
     use_tables: bool = True  # warm-start the online statistics from the training split's tables
+    # per training sequence, each signal it has (tokens, gate weights/logits, lookahead) is hidden with this
+    # probability, "missing" indicators set: one checkpoint then scores traces with and without them
+    signal_dropout: float = 0.0
+    # a training trace with fewer sequences gets no model tables: tables of a sequence replayed on itself would
+    # tell the scorer that sequence's future, which no deployment has
+    tables_min_sequences: int = 1
+    no_tables_share: float = 0.0  # share of a round's sequences replayed without model tables (a model never seen)
+    # per model width (num_experts as a string): its training budgets, before `capacities`
+    capacities_by_experts: dict[str, list[int]] | None = None
     seed: int = 0
 
     @classmethod
@@ -99,8 +115,14 @@ class CandidateFeaturePolicy(Policy):
         if self.features is None or self.features.spec != spec or self.features.capacity != capacity:
             self.features = CandidateFeatures(spec, capacity, self._tables(spec))
 
+    hide_share: float = 0.0  # signal dropout: each hideable signal is hidden in a sequence with this probability
+    hide_rng: np.random.Generator | None = None
+
     def begin_sequence(self, cache: CacheView) -> None:
-        self.features.begin_sequence()
+        hidden = ()
+        if self.hide_share > 0 and self.hide_rng is not None:
+            hidden = [name for name in HIDEABLE if self.hide_rng.random() < self.hide_share]
+        self.features.begin_sequence(hidden)
 
     def observe(self, event: RouteEvent, cache: CacheView) -> None:
         self.features.update(event, cache.clock)
@@ -191,12 +213,14 @@ class DecisionCollector(CandidateFeaturePolicy):
     needs_future = True
 
     def __init__(self, behaviour: str, scorer: NumpyScorer | None = None, beta: float = 0.0,
-                 keep: float = 1.0, tables: ModelTables | None = None, seed: int = 0):  # fmt: skip
+                 keep: float = 1.0, tables: ModelTables | None = None, seed: int = 0,
+                 signal_dropout: float = 0.0):  # fmt: skip
         if behaviour not in BEHAVIOURS or (behaviour == "learner" and scorer is None):
             raise ValueError(f"behaviour {behaviour!r}: expected one of {BEHAVIOURS} (learner needs a scorer)")
         self.behaviour, self.scorer, self.beta, self.keep = behaviour, scorer, beta, keep
         self.tables = tables
         self.rng = np.random.default_rng(seed)
+        self.hide_share, self.hide_rng = signal_dropout, np.random.default_rng(seed + 1)
         self.features = None
         self.rows: list[np.ndarray] = []
         self.targets: list[np.ndarray] = []
@@ -259,19 +283,32 @@ def estimate_evictions(trace: Trace, capacity: int) -> int:
 
 
 def collect(trace: Trace, capacities: list[int], behaviour: str, scorer: NumpyScorer | None, beta: float,
-            budget: int, tables: ModelTables | None, seed: int) -> tuple[Decisions, float]:  # fmt: skip
-    """Decisions of one round over every capacity; and the learner's agreement with Belady (nan if not learner)."""
+            budget: int, tables: ModelTables | None, seed: int, signal_dropout: float = 0.0,
+            no_tables_share: float = 0.0) -> tuple[Decisions, float]:  # fmt: skip
+    """Decisions of one round over every capacity; and the learner's agreement with Belady (nan if not learner).
+    A share `no_tables_share` of the sequences is replayed without `tables` (online statistics from empty)."""
     parts = []
     agree = total = 0
     per_capacity = max(1, budget // len(capacities))
+    splits = [(trace, tables)]
+    if tables is not None and no_tables_share > 0 and len(trace.sequences) > 1:
+        order = np.random.default_rng(seed).permutation(len(trace.sequences))
+        plain = min(len(order) - 1, max(1, round(no_tables_share * len(order))))
+        splits = [(_sequences(trace, order[:plain]), None), (_sequences(trace, order[plain:]), tables)]
     for i, capacity in enumerate(capacities):
         keep = min(1.0, per_capacity / estimate_evictions(trace, capacity))
-        collector = DecisionCollector(behaviour, scorer, beta, keep, tables, seed=seed * 1000 + i)
-        replay(trace, collector, capacity)
-        parts.append(collector.decisions_recorded())
-        agree += collector.agree
-        total += collector.decisions
+        for j, (part, part_tables) in enumerate(splits):
+            collector = DecisionCollector(behaviour, scorer, beta, keep, part_tables, seed=seed * 1000 + 10 * i + j,
+                                          signal_dropout=signal_dropout)  # fmt: skip
+            replay(part, collector, capacity)
+            parts.append(collector.decisions_recorded())
+            agree += collector.agree
+            total += collector.decisions
     return Decisions.concat(parts), (agree / total if total else math.nan)
+
+
+def _sequences(trace: Trace, indices: np.ndarray) -> Trace:
+    return Trace(trace.meta, [trace.sequences[j] for j in sorted(indices.tolist())])
 
 
 @dataclass
@@ -312,13 +349,12 @@ def dagger(
         agreements = []
         for i, (trace, tables) in enumerate(traces):
             trace = subsample(trace, config.max_sequences, config.seed + 31 * round_index + i)
-            meta = trace.meta
-            capacities = config.capacities or default_capacities(meta.num_experts, meta.top_k)
-            capacities = [c for c in capacities if meta.top_k < c < meta.num_experts] or [meta.top_k + 1]
+            capacities = capacities_for(trace, config)
             budget = config.max_decisions_per_round // len(traces)
             seed = config.seed + 7919 * round_index + i
             used = tables if config.use_tables else None
-            part, agree = collect(trace, capacities, behaviour, scorer, config.beta, budget, used, seed)
+            part, agree = collect(trace, capacities, behaviour, scorer, config.beta, budget, used, seed,
+                                  config.signal_dropout, config.no_tables_share)  # fmt: skip
             parts.append(part)
             agreements.append(agree)
         fresh = Decisions.concat(parts)
@@ -356,8 +392,11 @@ def torch_threads(n: int = 1) -> None:
 
 
 def capacities_for(trace: Trace, config: ImitationConfig) -> list[int]:
+    """The budgets `trace` is trained and validated at: its width's entry of capacities_by_experts, else
+    `capacities`, else the defaults; only those between top-k and the number of experts."""
     meta = trace.meta
-    chosen = config.capacities or default_capacities(meta.num_experts, meta.top_k)
+    by_width = (config.capacities_by_experts or {}).get(str(meta.num_experts))
+    chosen = by_width or config.capacities or default_capacities(meta.num_experts, meta.top_k)
     return [c for c in chosen if meta.top_k < c < meta.num_experts] or [min(meta.top_k + 1, meta.num_experts)]
 
 

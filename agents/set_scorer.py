@@ -13,6 +13,13 @@ import numpy as np
 import torch
 from torch import nn
 
+# standardised inputs are clipped: a feature far outside its training range (a signal rarely seen present) moves a
+# score by a bounded amount rather than by thousands of standard deviations
+CLIP = 8.0
+# a column constant in training carries no information the scorer could have learned: this std zeroes it out, so
+# a trace where it varies (a signal present here, always absent in training) is scored as in training
+IGNORED_STD = 1e6
+
 
 class SetScorerNet(nn.Module):
     """[N, F] standardised features -> [N] keep scores (the lowest is evicted)."""
@@ -26,7 +33,7 @@ class SetScorerNet(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body((x - self.mean) / self.std).squeeze(-1)
+        return self.body(((x - self.mean) / self.std).clamp(-CLIP, CLIP)).squeeze(-1)
 
 
 class NumpyScorer:
@@ -39,7 +46,7 @@ class NumpyScorer:
         self.layers = [(state[f"{name}.weight"].T.copy(), state[f"{name}.bias"]) for name in linears]
 
     def __call__(self, rows: np.ndarray) -> np.ndarray:
-        h = (rows - self.mean) * self.inv_std
+        h = np.clip((rows - self.mean) * self.inv_std, -CLIP, CLIP)
         last = len(self.layers) - 1
         for i, (weight, bias) in enumerate(self.layers):
             h = h @ weight + bias
@@ -130,7 +137,8 @@ def fit_scorer(data: Decisions, hidden: int, epochs: int, lr: float, batch: int,
         net = SetScorerNet(data.rows.shape[1], hidden)
     with torch.no_grad():
         net.mean.copy_(torch.from_numpy(data.rows.mean(axis=0)).float())
-        net.std.copy_(torch.from_numpy(data.rows.std(axis=0)).float().clamp_min(1e-3))
+        std = data.rows.astype(np.float64).std(axis=0)
+        net.std.copy_(torch.from_numpy(np.where(std < 1e-6, IGNORED_STD, np.maximum(std, 1e-3))).float())
     rows = torch.from_numpy(data.rows.astype(np.float32))
     target = torch.from_numpy(data.target.astype(np.float32))
     opt = torch.optim.Adam(net.parameters(), lr=lr)

@@ -7,16 +7,18 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from moe_env.agents.candidate_features import FEATURES, CandidateFeatures
+from moe_env.agents.candidate_features import FEATURES, HIDEABLE, CandidateFeatures
 from moe_env.agents.imitation import (
     DecisionCollector,
     ImitationConfig,
     ImitationPolicy,
+    capacities_for,
     collect,
+    needed_signals,
     save_imitation,
 )
 from moe_env.agents.model_tables import build_tables, load_tables, save_tables
-from moe_env.agents.set_scorer import NumpyScorer, agreement, fit_scorer
+from moe_env.agents.set_scorer import CLIP, Decisions, NumpyScorer, agreement, fit_scorer
 from test_env import synthetic_trace
 
 from moe_env.cache import ExpertCacheState
@@ -220,3 +222,84 @@ def test_train_script_runs_resumes_and_refuses_bad_input(trace, tmp_path, capsys
     assert script.main(["--config", str(tmp_path / "missing.json"), *common[:4], "--run-dir", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "cannot read config" in err[0]
+
+
+def with_tokens(trace: Trace) -> Trace:
+    """The trace with a deterministic input token per step (a token id that predicts nothing)."""
+    seqs = [replace(s, output_ids=(np.arange(s.num_steps + 1) % 5).astype(np.int32)) for s in trace.sequences]
+    return Trace(trace.meta, seqs)
+
+
+def feature_rows(trace: Trace, capacity: int, hidden=()) -> list[np.ndarray]:
+    spec = model_spec(trace.meta)
+    features = CandidateFeatures(spec, capacity)
+    cache = ExpertCacheState(spec, capacity, make_policy("lru"))
+    out = []
+    for sequence in trace.sequences:
+        cache.begin_sequence()
+        features.begin_sequence(hidden)
+        for routing in sequence.routings():
+            for event in route_events(routing, capacity):
+                features.update(event, cache.clock)
+                out.append(features.layer_rows(event.layer, cache).copy())
+                cache.route(event)
+    return out
+
+
+def test_hidden_signals_give_the_rows_of_a_trace_without_them(trace):
+    """Signal dropout: hiding every signal gives exactly the rows of the trace that lacks them, "missing" set."""
+    full = with_tokens(trace)
+    bare = no_signals(Trace(trace.meta, [replace(s, output_ids=None) for s in trace.sequences]))
+    hidden, absent, shown = feature_rows(full, 4, HIDEABLE), feature_rows(bare, 4), feature_rows(full, 4)
+    assert len(hidden) == len(absent) > 50
+    for a, b in zip(hidden, absent, strict=True):
+        np.testing.assert_array_equal(a, b)
+    for column in ("token_missing", "gate_missing", "weight_missing"):
+        index = FEATURES.index(column)
+        assert all(r[:, index].min() == 1.0 for r in hidden[1:])
+        assert any(r[:, index].max() == 0.0 for r in shown)
+    with pytest.raises(ValueError, match="hideable"):
+        CandidateFeatures(model_spec(trace.meta), 4).begin_sequence(["colour"])
+
+
+def test_signal_dropout_trains_without_needs_and_splits_off_tableless_sequences(trace):
+    """With dropout the "missing" indicators fire in training, so the checkpoint needs no signal; without it a
+    trace that always has gate logits yields a checkpoint that needs them."""
+    tables = build_tables(trace)
+    plain, _ = collect(trace, [3, 4], "lru", None, 0.0, 3000, tables, seed=0)
+    dropped, _ = collect(trace, [3, 4], "lru", None, 0.0, 3000, tables, seed=0, signal_dropout=0.5,
+                         no_tables_share=0.34)  # fmt: skip
+    assert "gate logits" in needed_signals(plain) and "gate weights" in needed_signals(plain)
+    assert needed_signals(dropped) == []
+    assert dropped.size == plain.size  # the same replays, split by sequence; nothing lost
+    assert not np.array_equal(dropped.rows, plain.rows)
+
+
+def test_scorer_ignores_columns_constant_in_training_and_bounds_outliers():
+    """A column constant in training (a signal never present there) cannot move a score where it varies; an
+    outlier far outside the training range moves it by a bounded amount."""
+    rng = np.random.default_rng(0)
+    rows = rng.normal(size=(600, 3)).astype(np.float32)
+    rows[:, 2] = 1.0  # constant: like weight_missing on a trace without gate weights
+    target = np.zeros(600, dtype=bool)
+    offsets = np.arange(0, 601, 6)
+    for lo in offsets[:-1]:
+        target[lo + int(np.argmin(rows[lo : lo + 6, 0]))] = True
+    net = fit_scorer(Decisions(rows, target, offsets), hidden=8, epochs=3, lr=1e-2, batch=32, seed=0)
+    scorer = NumpyScorer(net)
+    probe = rows[:6].astype(np.float64)
+    moved = probe.copy()
+    moved[:, 2] = 0.0
+    np.testing.assert_allclose(scorer(moved), scorer(probe), atol=1e-4)
+    far, farther = probe.copy(), probe.copy()
+    far[:, 1] = CLIP * float(net.std[1]) + float(net.mean[1])
+    farther[:, 1] = 1e9
+    np.testing.assert_allclose(scorer(farther), scorer(far), rtol=1e-5)
+
+
+def test_budgets_per_model_width():
+    config = ImitationConfig(capacities=[8, 16, 32], capacities_by_experts={"8": [3, 4, 5]})
+    mixtral = Trace(TraceMeta(model="m", num_layers=2, num_experts=8, top_k=2, source="test"), [])
+    wide = Trace(TraceMeta(model="w", num_layers=2, num_experts=64, top_k=6, source="test"), [])
+    assert capacities_for(mixtral, config) == [3, 4, 5]
+    assert capacities_for(wide, config) == [8, 16, 32]

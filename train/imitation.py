@@ -100,12 +100,15 @@ def _main(argv: list[str] | None) -> int:
             else:
                 part, held = split_validation(trace)
             tables_path = run_dir / f"tables-{i}.npz"
-            tables = load_tables(tables_path) if args.resume else build_tables(part)
-            training.append((part, tables))
-            validation.append((spec, held, tables))
-            if not args.resume:
+            tables = None
+            if args.resume:
+                tables = load_tables(tables_path) if tables_path.is_file() else None
+            elif len(part.sequences) >= config.tables_min_sequences:
+                tables = build_tables(part)
                 run_dir.mkdir(parents=True, exist_ok=True)
                 save_tables(tables, tables_path, model=part.meta.model)
+            training.append((part, tables))
+            validation.append((spec, held, tables))
         run_dir.mkdir(parents=True, exist_ok=True)
         if not args.resume:
             (run_dir / "config.json").write_text(json.dumps(asdict(config), indent=1) + "\n")

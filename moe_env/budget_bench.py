@@ -18,6 +18,7 @@ import numpy as np
 
 from moe_env.allocation import Allocation, hit_curves, parse_budget, partition, trace_streams
 from moe_env.errors import UsageError
+from moe_env.policy import make_policy
 from moe_env.sim import SimResult, cost_model_for, simulate
 from moe_env.trace import Trace
 
@@ -76,6 +77,17 @@ class IsoBytes:
 
     def as_dict(self) -> dict:
         return {**self.__dict__, "saving": self.saving}
+
+
+def check_ranks_across_layers(policies: list[str]) -> None:
+    """A shared pool compares eviction scores across layers: only policies that declare ``ranks_across_layers``
+    run there (the cache refuses the others when it is built; this says so before the first replay)."""
+    for spec in policies:
+        if not make_policy(spec).ranks_across_layers:
+            raise UsageError(
+                f"--allocation shared: policy {spec!r} does not rank victims across layers (ranks_across_layers is "
+                "False); run it with uniform or profile, or leave shared out"
+            )
 
 
 class BudgetBench:

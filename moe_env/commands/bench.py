@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moe_env.allocation import BUDGET_SYNTAX, parse_budget
-from moe_env.budget_bench import BudgetBench, IsoBytes, print_rows
+from moe_env.budget_bench import BudgetBench, IsoBytes, check_ranks_across_layers, print_rows
 from moe_env.budget_bench import print_iso as print_iso_bytes
 from moe_env.cache import PREFILL_MODES
 from moe_env.errors import UsageError
@@ -337,6 +337,8 @@ def run_budgets(args: argparse.Namespace, policies: list[str], prefetchers: list
         # warm streams are not independent per sequence, and budget cells are not yet Ray tasks: say so
         raise UsageError("--workers/--ray-address go with --cache-slots; --cache-budget sweeps run serially")
     check_specs(policies, prefetchers)
+    if any(a.strip() == "shared" for a in allocations):
+        check_ranks_across_layers(policies)  # before any replay: a learned policy is refused, not half-measured
     traces = [(spec, load_trace(spec)) for spec in args.trace]
     benches = [BudgetBench(spec, trace, args.profile, args.warm, args.prefill, load_trace) for spec, trace in traces]
     combos = [(p, f, a) for p in policies for f in prefetchers for a in allocations]

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from moe_env.allocation import Allocation, hit_curves, parse_budget, partition, trace_streams
+from moe_env.bench_rows import bench_row
 from moe_env.errors import UsageError
 from moe_env.policy import make_policy
 from moe_env.sim import SimResult, cost_model_for, simulate
@@ -31,29 +32,23 @@ class BudgetRow:
     policy: str
     prefetch: str
     allocation: str
-    total_slots: int
-    bytes: int
+    layout: Allocation
+    expert_bytes: int
     result: SimResult
 
+    @property
+    def total_slots(self) -> int:
+        return self.layout.total_slots
+
+    @property
+    def bytes(self) -> int:
+        return self.layout.total_slots * self.expert_bytes
+
     def as_dict(self) -> dict:
-        r = self.result
-        return {
-            "trace": self.trace,
-            "policy": self.policy,
-            "prefetch": self.prefetch,
-            "allocation": self.allocation,
-            "layout": r.allocation,
-            "total_slots": self.total_slots,
-            "bytes": self.bytes,
-            "warm": r.warm,
-            "prefill": r.prefill,
-            "hits": r.hits,
-            "misses": r.misses,
-            "hit_rate": r.hit_rate,
-            "first_hit_rate": r.first_hit_rate,
-            "stall_s_per_token": r.stall_s_per_token,
-            "tokens_per_s": r.tokens_per_s,
-        }
+        pools = self.layout.pool_slots
+        slots = pools[0] if len(set(pools)) == 1 and not self.layout.shared else None  # the same in every layer
+        return bench_row(self.trace, self.policy, self.prefetch, self.result, allocation=self.allocation,
+                         slots=slots, expert_bytes=self.expert_bytes)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -160,9 +155,9 @@ class BudgetBench:
         return self._results[key]
 
     def row(self, policy: str, prefetch: str, allocation: str, total: int) -> BudgetRow:
-        used = self.layout(allocation, total).total_slots
         result = self.result(policy, prefetch, allocation, total)
-        return BudgetRow(self.label, policy, prefetch, allocation, used, used * self.cost.expert_bytes, result)
+        layout = self.layout(allocation, total)
+        return BudgetRow(self.label, policy, prefetch, allocation, layout, self.cost.expert_bytes, result)
 
     def iso_bytes(self, policy: str, prefetch: str, allocation: str, reference: int) -> IsoBytes:
         target = self.result(*REFERENCE, reference)

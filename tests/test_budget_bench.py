@@ -70,3 +70,27 @@ def test_a_learned_policy_in_a_shared_pool_is_refused_in_one_line_everywhere(pol
     assert "\n" not in str(raised.value)
     assert main([*argv[:8], "uniform", *argv[9:]]) == 0  # the same policy under a per-layer layout runs
     assert json.loads(capsys.readouterr().out)["rows"]
+
+
+def test_slot_and_budget_sweeps_print_one_row_schema(tmp_path, capsys):
+    """`bench --cache-slots K` and `bench --cache-budget K*L --allocation uniform` replay the same cache: their rows
+    have the same keys, in the same order, and the same values (except gap_captured, which only the slot sweep
+    computes)."""
+    from test_sim import BENCH_ROW_KEYS
+
+    from moe_env.cli import main
+
+    trace = "builtin:tiny-mixtral/eval#0,1"
+    assert main(["bench", "--trace", trace, "--policies", "lru,lfu", "--cache-slots", "4", "--json"]) == 0
+    slot_rows = json.loads(capsys.readouterr().out)
+    argv = ["bench", "--trace", trace, "--policies", "lru,lfu", "--cache-budget", "16", "--allocation",
+            "uniform,shared", "--reference-budget", "none", "--json"]  # fmt: skip
+    assert main(argv) == 0
+    budget_rows = json.loads(capsys.readouterr().out)["rows"]
+    assert all(list(row) == list(BENCH_ROW_KEYS) for row in slot_rows + budget_rows)
+    uniform = [row for row in budget_rows if row["allocation"] == "uniform"]
+    for slot_row, budget_row in zip(slot_rows, uniform, strict=True):
+        assert slot_row | {"gap_captured": None} == budget_row
+        assert slot_row["slots"] == 4 and slot_row["total_slots"] == 16
+    shared = [row for row in budget_rows if row["allocation"] == "shared"]
+    assert shared and all(row["slots"] is None and row["total_slots"] == 16 for row in shared)

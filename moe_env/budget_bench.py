@@ -17,7 +17,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from moe_env.allocation import Allocation, hit_curves, parse_budget, partition, trace_streams
+from moe_env.bench_rows import bench_row
 from moe_env.errors import UsageError
+from moe_env.policy import make_policy
 from moe_env.sim import SimResult, cost_model_for, simulate
 from moe_env.trace import Trace
 
@@ -30,29 +32,23 @@ class BudgetRow:
     policy: str
     prefetch: str
     allocation: str
-    total_slots: int
-    bytes: int
+    layout: Allocation
+    expert_bytes: int
     result: SimResult
 
+    @property
+    def total_slots(self) -> int:
+        return self.layout.total_slots
+
+    @property
+    def bytes(self) -> int:
+        return self.layout.total_slots * self.expert_bytes
+
     def as_dict(self) -> dict:
-        r = self.result
-        return {
-            "trace": self.trace,
-            "policy": self.policy,
-            "prefetch": self.prefetch,
-            "allocation": self.allocation,
-            "layout": r.allocation,
-            "total_slots": self.total_slots,
-            "bytes": self.bytes,
-            "warm": r.warm,
-            "prefill": r.prefill,
-            "hits": r.hits,
-            "misses": r.misses,
-            "hit_rate": r.hit_rate,
-            "first_hit_rate": r.first_hit_rate,
-            "stall_s_per_token": r.stall_s_per_token,
-            "tokens_per_s": r.tokens_per_s,
-        }
+        pools = self.layout.pool_slots
+        slots = pools[0] if len(set(pools)) == 1 and not self.layout.shared else None  # the same in every layer
+        return bench_row(self.trace, self.policy, self.prefetch, self.result, allocation=self.allocation,
+                         slots=slots, expert_bytes=self.expert_bytes)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -76,6 +72,17 @@ class IsoBytes:
 
     def as_dict(self) -> dict:
         return {**self.__dict__, "saving": self.saving}
+
+
+def check_ranks_across_layers(policies: list[str]) -> None:
+    """A shared pool compares eviction scores across layers: only policies that declare ``ranks_across_layers``
+    run there (the cache refuses the others when it is built; this says so before the first replay)."""
+    for spec in policies:
+        if not make_policy(spec).ranks_across_layers:
+            raise UsageError(
+                f"--allocation shared: policy {spec!r} does not rank victims across layers (ranks_across_layers is "
+                "False); run it with uniform or profile, or leave shared out"
+            )
 
 
 class BudgetBench:
@@ -148,9 +155,9 @@ class BudgetBench:
         return self._results[key]
 
     def row(self, policy: str, prefetch: str, allocation: str, total: int) -> BudgetRow:
-        used = self.layout(allocation, total).total_slots
         result = self.result(policy, prefetch, allocation, total)
-        return BudgetRow(self.label, policy, prefetch, allocation, used, used * self.cost.expert_bytes, result)
+        layout = self.layout(allocation, total)
+        return BudgetRow(self.label, policy, prefetch, allocation, layout, self.cost.expert_bytes, result)
 
     def iso_bytes(self, policy: str, prefetch: str, allocation: str, reference: int) -> IsoBytes:
         target = self.result(*REFERENCE, reference)

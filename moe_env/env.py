@@ -525,10 +525,17 @@ class LiveMoEOffloadEnv(gym.Env):
         profile: str | CostModel | None = None,
         fallback: str = "lru",
         threads: int | None = None,
+        budget: str | None = None,
+        allocation: str = "uniform",
+        prefill: str = "chunked",
     ):
+        """``budget``, ``allocation`` and ``prefill`` as in the engine (``EngineConfig.cache_budget`` etc.:
+        ``6GiB``, ``0.25`` or total slots; uniform, shared or profile:TRACE; chunked or bypass); ``capacity``
+        (slots per layer) and ``budget`` exclude each other. Checked before the model loads. A shared pool needs
+        a policy that ranks victims across layers, which the agent's per-layer scores do not: refused."""
         import queue
 
-        from moe_env.engine import EngineConfig, OffloadEngine, load_model
+        from moe_env.engine import EngineConfig, OffloadEngine, check_cache_options, load_model
         from moe_env.models import adapter_for
         from moe_env.trace import TraceMeta
 
@@ -542,17 +549,24 @@ class LiveMoEOffloadEnv(gym.Env):
             if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
                 raise InvalidArgument(f"threads must be an integer >= 1 or None, got {threads!r}")
             set_threads(threads)
+        config = EngineConfig(cache_budget=budget, allocation=allocation, prefill=prefill)
+        check_cache_options(config)  # a bad budget, allocation or prefill mode fails before the model loads
+        if budget is not None and capacity is not None:
+            raise UsageError("give the live env a capacity (slots per layer) or a budget, not both")
         if isinstance(model, str):
             model, tokenizer, _ = load_model(model, None)
         else:
             tokenizer = None
         adapter = adapter_for(model)
-        capacity = checked_capacity(capacity, adapter.num_experts, adapter.top_k)
-        self.policy = ActionPolicy(make_policy(fallback))
-        self.engine = OffloadEngine.from_model(model, EngineConfig(cache_slots=capacity, policy=self.policy), tokenizer)
+        if budget is None:
+            config.cache_slots = checked_capacity(capacity, adapter.num_experts, adapter.top_k)
+        config.policy = self.policy = ActionPolicy(make_policy(fallback))
+        self.engine = OffloadEngine.from_model(model, config, tokenizer)
         self.engine.add_observer(self._observe)
         self.model_spec = self.engine.spec
-        self.capacity = capacity
+        self.layout = self.engine.cache_state.allocation
+        self.capacity = self.engine.cache_state.capacity  # the most slots one layer holds (the observation's scale)
+        self.prefill = prefill
         if isinstance(prompts, str):  # a prompt-set spec (moe_env.prompts)
             from moe_env.prompts import load_prompts
 
@@ -568,8 +582,8 @@ class LiveMoEOffloadEnv(gym.Env):
             spec.name, spec.num_layers, spec.num_experts, spec.top_k, "live", expert_bytes=spec.expert_bytes
         )
         self.cost = cost_model_for(meta, profile)
-        self.shadow = Replayer(meta, ActionPolicy(make_policy(fallback)), capacity, self.cost)
-        self.builder = ObservationBuilder(spec, capacity)
+        self.shadow = Replayer(meta, ActionPolicy(make_policy(fallback)), self.layout, self.cost, prefill=prefill)
+        self.builder = ObservationBuilder(spec, self.capacity)
         self.observation_space = spaces.Box(0.0, 1.0, shape=(self.builder.size,), dtype=np.float32)
         self.action_space = spaces.Box(-1.0, 1.0, shape=(spec.num_experts,), dtype=np.float32)
         self._to_env: queue.Queue = queue.Queue()
@@ -642,7 +656,7 @@ class LiveMoEOffloadEnv(gym.Env):
         index = int(options.get("prompt", self.np_random.integers(len(self.prompts))))
         if not 0 <= index < len(self.prompts):
             raise UsageError(f"prompt {index} outside 0..{len(self.prompts) - 1}")
-        self.shadow = Replayer(self.shadow.meta, self.shadow.policy, self.capacity, self.cost)
+        self.shadow = Replayer(self.shadow.meta, self.shadow.policy, self.layout, self.cost, prefill=self.prefill)
         self.shadow.begin_sequence()
         self.builder.reset()
         self._unaccounted, self._stall, self._episode_stall = [], 0.0, 0.0
@@ -666,6 +680,7 @@ class LiveMoEOffloadEnv(gym.Env):
             self.shadow.cache.finish()
             info["engine"] = payload.metrics
             info["tokens"] = len(payload.tokens)
+            info["token_ids"] = list(payload.tokens)  # the decoded tokens (the unmodified model's, bit for bit)
             return np.zeros(self.builder.size, dtype=np.float32), float(-1e3 * stall), True, False, info
         self.current_event = event
         return payload, float(-1e3 * stall), False, False, info

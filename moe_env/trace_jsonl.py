@@ -11,8 +11,9 @@ before the restart are stored as the sequence's prefill (``prefill_experts``), t
 layers disagree on P, or whose ``token_idx`` restarts more than once, is refused. Without ``token_idx`` every row
 is decode.
 
-The file is parsed with pyarrow's JSON reader and checked column-wise; only when that fails (malformed input) is
-it re-read line by line, which names the first bad line (``FILE:LINE: what is wrong``).
+The file is parsed with pyarrow's JSON reader (in blocks cut at line ends, on parallel threads) and checked
+column-wise; only when that fails (malformed input) is it re-read line by line, which names the first bad line
+(``FILE:LINE: what is wrong``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +38,8 @@ from moe_env.trace import SequenceTrace, Trace, TraceMeta, validate_trace
 
 JSONL_FORMAT = "convert:jsonl-routing"
 REQUIRED = ("problem_id", "layer", "experts")
-BLOCK_BYTES = 8 << 20
+BLOCK_BYTES = 8 << 20  # parsed in blocks of about this size, on up to READ_THREADS threads
+READ_THREADS = min(4, os.cpu_count() or 1)
 
 
 @dataclass
@@ -85,17 +88,14 @@ def import_jsonl_routing(
 
 
 def _read_fast(
-    path: Path, num_experts: int | None, advance: Callable[[int], object] = lambda _: None
+    path: Path,
+    num_experts: int | None,
+    advance: Callable[[int], object] = lambda _: None,
+    block_bytes: int = BLOCK_BYTES,
 ) -> _Records | None:
     """Column-wise read and checks; None whenever anything is off (the slow path then names the line)."""
     try:
-        # streamed in blocks, so the progress bar moves; closed here (a reader left open aborts the interpreter)
-        with pajson.open_json(path, read_options=pajson.ReadOptions(block_size=BLOCK_BYTES)) as reader:
-            batches = []
-            for batch in reader:
-                batches.append(batch)
-                advance(BLOCK_BYTES)
-            table = pa.Table.from_batches(batches, schema=reader.schema)
+        table = _read_table(path, advance, block_bytes)
     except OSError as exc:
         raise TraceFormatError(f"{path}: cannot read ({exc.strerror or exc})") from None
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
@@ -107,6 +107,47 @@ def _read_fast(
         return _checked_columns(table, names, num_experts)
     except _Fallback:
         return None
+
+
+def _read_table(path: Path, advance: Callable[[int], object], block_bytes: int) -> pa.Table:
+    """The log as one table: the memory-mapped file cut at line ends into blocks that pyarrow's JSON reader
+    parses on parallel threads (it releases the GIL), the progress bar moving as blocks finish. Every block is
+    read with the first block's inferred schema (fields new in a later block are inferred there and the
+    tables' schemas unified: a field absent from some blocks comes out null, which the checks refuse)."""
+    with pa.memory_map(str(path)) as mapped:
+        data = mapped.read_buffer()
+        blocks = [data.slice(start, stop - start) for start, stop in _line_blocks(data, block_bytes)]
+        if not blocks:
+            return pa.table({})
+        first = _parse_block(blocks[0], None)
+        advance(blocks[0].size)
+        tables = [first]
+        with ThreadPoolExecutor(READ_THREADS) as pool:
+            for block, table in zip(blocks[1:], pool.map(lambda b: _parse_block(b, first.schema), blocks[1:]),
+                                    strict=True):  # fmt: skip
+                tables.append(table)
+                advance(block.size)
+        return pa.concat_tables(tables, promote_options="permissive")
+
+
+def _parse_block(block: pa.Buffer, schema: pa.Schema | None) -> pa.Table:
+    parse = pajson.ParseOptions(explicit_schema=schema, unexpected_field_behavior="infer")
+    read = pajson.ReadOptions(use_threads=False, block_size=max(block.size, 1))  # one block: no straddling line
+    return pajson.read_json(pa.BufferReader(block), read_options=read, parse_options=parse)
+
+
+def _line_blocks(data: pa.Buffer, size: int) -> list[tuple[int, int]]:
+    """(start, stop) byte ranges of about `size` bytes each, every one ending just after a newline (or at EOF)."""
+    view = np.frombuffer(data, dtype=np.uint8)
+    ranges, start = [], 0
+    while start < len(view):
+        stop = min(start + size, len(view))
+        while stop < len(view) and view[stop - 1] != ord("\n"):
+            ahead = np.flatnonzero(view[stop : stop + (1 << 20)] == ord("\n"))
+            stop = stop + int(ahead[0]) + 1 if ahead.size else min(stop + (1 << 20), len(view))
+        ranges.append((start, stop))
+        start = stop
+    return ranges
 
 
 class _Fallback(Exception):

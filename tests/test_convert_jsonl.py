@@ -107,6 +107,34 @@ def test_fast_and_line_by_line_readers_agree(tmp_path: Path) -> None:
     _same_records(fast, _read_slow(path, None))
 
 
+@pytest.mark.parametrize("block_bytes", [1, 60, 200, 1 << 20])
+def test_blocks_parsed_on_threads_give_the_records_of_one_read(tmp_path: Path, block_bytes: int) -> None:
+    """The log is cut at line ends into blocks (1 byte: a block per line) parsed in parallel: the records, their
+    order and the progress reported are those of the whole file."""
+    lines = [_line(p, layer, [layer, 5 - layer], [0.5, 0.5], token=t, model="m")
+             for p in ("x", "7", "y") for t in range(3) for layer in range(3)]  # fmt: skip
+    path = _write(tmp_path, lines)
+    advanced: list[int] = []
+    fast = _read_fast(path, None, advanced.append, block_bytes=block_bytes)
+    assert fast is not None
+    _same_records(fast, _read_slow(path, None))
+    assert sum(advanced) == path.stat().st_size
+
+
+@pytest.mark.parametrize("block_bytes", [1, 1 << 20])
+def test_a_field_that_appears_only_in_a_later_block_reads_as_in_one_block(tmp_path: Path, block_bytes: int) -> None:
+    """token_idx on the last record only, gating_probs on the first only: the blocks' tables unify with nulls, and
+    the outcome is the line reader's (token_idx absent on some records: none kept; weights on some: refused)."""
+    lines = [_line(0, layer, [0, 1]) for layer in range(4)] + [_line(0, 0, [0, 1], token=4)]
+    fast = _read_fast(_write(tmp_path, lines), None, block_bytes=block_bytes)
+    assert fast is not None and fast.token_idx is None
+    _same_records(fast, _read_slow(_write(tmp_path, lines), None))
+    lines = [_line(0, 0, [0, 1], [0.5, 0.5])] + [_line(0, layer, [0, 1]) for layer in range(4)]
+    assert _read_fast(_write(tmp_path, lines), None, block_bytes=block_bytes) is None
+    with pytest.raises(TraceFormatError, match="gating_probs missing here"):
+        _read_slow(_write(tmp_path, lines), None)
+
+
 def test_malformed_input_falls_back_to_the_line_reader(tmp_path: Path) -> None:
     path = _write(tmp_path, [_line(0, 0, [0, 1]), _line(0, 0.5, [0, 1])])
     assert _read_fast(path, None) is None

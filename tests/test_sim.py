@@ -238,6 +238,11 @@ def test_fast_path_is_not_inherited():
 # ---------------------------------------------------------------------------------------------- moe-env bench
 
 
+BENCH_ROW_KEYS = ("trace", "policy", "prefetch", "allocation", "layout", "slots", "total_slots", "bytes", "warm",
+                  "prefill", "hits", "misses", "hit_rate", "first_hit_rate", "gap_captured", "prefetch_precision",
+                  "prefetch_recall", "bytes_moved", "stall_s_per_token", "tokens_per_s")  # fmt: skip
+
+
 @pytest.fixture
 def saved_trace(tmp_path):
     from moe_env.trace import save_trace
@@ -255,9 +260,7 @@ def test_bench_json_rows_and_gap(saved_trace, capsys):
     assert main([*argv, "--prefetch", "none,oracle", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert len(rows) == 2 * 2 * 3
-    assert set(rows[0]) == {"trace", "policy", "prefetch", "slots", "hits", "misses", "hit_rate", "gap_captured",
-                            "prefetch_precision", "prefetch_recall", "bytes_moved", "stall_s_per_token",
-                            "tokens_per_s"}  # fmt: skip
+    assert list(rows[0]) == list(BENCH_ROW_KEYS)  # the one schema of slot and budget sweeps (moe_env/bench_rows.py)
     assert {r["policy"] for r in rows} == {"lfu-decay:decay=0.9", "fifo"}
     trace = load_trace(saved_trace)
     for row in rows:

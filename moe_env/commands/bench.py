@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moe_env.allocation import BUDGET_SYNTAX, parse_budget
-from moe_env.budget_bench import BudgetBench, IsoBytes, print_rows
+from moe_env.bench_rows import bench_row
+from moe_env.budget_bench import BudgetBench, IsoBytes, check_ranks_across_layers, print_rows
 from moe_env.budget_bench import print_iso as print_iso_bytes
 from moe_env.cache import PREFILL_MODES
 from moe_env.errors import UsageError
@@ -87,24 +88,11 @@ class Row:
     slots: int
     result: SimResult
     gap_captured: float | None
+    expert_bytes: int
 
     def as_dict(self) -> dict:
-        r = self.result
-        return {
-            "trace": self.trace,
-            "policy": self.policy,
-            "prefetch": self.prefetch,
-            "slots": self.slots,
-            "hits": r.hits,
-            "misses": r.misses,
-            "hit_rate": r.hit_rate,
-            "gap_captured": self.gap_captured,
-            "prefetch_precision": r.prefetch_precision,
-            "prefetch_recall": r.prefetch_recall,
-            "bytes_moved": r.bytes_moved,
-            "stall_s_per_token": r.stall_s_per_token,
-            "tokens_per_s": r.tokens_per_s,
-        }
+        return bench_row(self.trace, self.policy, self.prefetch, self.result, allocation="uniform", slots=self.slots,
+                         expert_bytes=self.expert_bytes, gap_captured=self.gap_captured)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -145,7 +133,7 @@ class Bench:
         result = self.result(policy, prefetch, slots)
         lru, belady = (self.result(p, "none", slots).hit_rate for p in BASELINES)
         gap = (result.hit_rate - lru) / (belady - lru) if belady != lru else None
-        return Row(self.label, policy, prefetch, slots, result, gap)
+        return Row(self.label, policy, prefetch, slots, result, gap, self.cost.expert_bytes)
 
     def iso_hit_rate(self, policy: str, prefetch: str, reference: int) -> IsoHitRate:
         """Search down from `reference` while the target is still met, or up until it is (hit rate is
@@ -337,6 +325,8 @@ def run_budgets(args: argparse.Namespace, policies: list[str], prefetchers: list
         # warm streams are not independent per sequence, and budget cells are not yet Ray tasks: say so
         raise UsageError("--workers/--ray-address go with --cache-slots; --cache-budget sweeps run serially")
     check_specs(policies, prefetchers)
+    if any(a.strip() == "shared" for a in allocations):
+        check_ranks_across_layers(policies)  # before any replay: a learned policy is refused, not half-measured
     traces = [(spec, load_trace(spec)) for spec in args.trace]
     benches = [BudgetBench(spec, trace, args.profile, args.warm, args.prefill, load_trace) for spec, trace in traces]
     combos = [(p, f, a) for p in policies for f in prefetchers for a in allocations]

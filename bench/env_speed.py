@@ -67,7 +67,7 @@ def main() -> None:
     if "tiny-mixtral" in builtin_trace_names() and trace.meta.model == "tiny-mixtral":
         from moe_env.policy import make_policy
 
-        for kind in ("ppo", "predictor"):
+        for kind in ("ppo", "flat-predictor"):
             learned = make_policy(kind)
             learned.reset(env.model_spec, env.capacity)
             actors[f"{kind} (shipped)"] = lambda obs, e, p=learned: p.act(obs, e.current_event, e.cache)

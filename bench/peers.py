@@ -10,7 +10,7 @@ decode of the same prompts under:
                   calibration prompt pinned in RAM for good, every other routed expert read from the slow tier at
                   each use into one scratch buffer (no cache); pinned + scratch fit the same budget
   moe-env:P       moe-env's engine with the budget as cache slots per layer, policy P (lru, lfu-decay, with
-                  lookahead prefetch, and ppo / predictor when their plug-in loads a checkpoint for this model);
+                  lookahead prefetch, and ppo / flat-predictor when their plug-in loads a checkpoint for this model);
                   P@warm keeps the cache across requests (the warm-up decode included: a serving process),
                   P@bypass computes a prefill whose experts exceed a layer's slots from copies not installed
 Each configuration runs in a fresh subprocess (its own resident-set high-water mark), loads, warms up, then decodes
@@ -49,7 +49,7 @@ from moe_env.store_cache import cache_root
 
 RESULT_TAG = "PEERS_RESULT "
 MOE_POLICIES = "lru,lfu-decay,lru+lookahead,lfu-decay+lookahead"
-LEARNED = ("ppo", "predictor")
+LEARNED = ("ppo", "flat-predictor")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -67,7 +67,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu")
     p.add_argument("--policies", default=MOE_POLICIES, help="moe-env policies (EVICT[+PREFETCH][@MODES], MODES: "
                    "warm, bypass or warm-bypass: a cache kept across requests, prefill bypass); learned ones "
-                   "(ppo, predictor) are added when their plug-in loads")  # fmt: skip
+                   "(ppo, flat-predictor) are added when their plug-in loads")  # fmt: skip
     p.add_argument("--allocation", default="uniform", help="moe-env: uniform or shared (the budget in one pool)")
     p.add_argument("--configs", default="", help="comma-separated subset (resident,accelerate,static,moe-env)")
     p.add_argument("--page-cache", choices=("drop", "keep"), default="drop", help="drop: cold slow tier each forward")

@@ -26,7 +26,7 @@ DEFAULT_TRACE = Path(__file__).resolve().parents[1].parent / "shared" / "traces"
 HEURISTICS = ["lru", "lfu", "fifo", "belady", "random:seed=0", "lfu-decay:decay=0.9", "lrfu:lam=0.1", "lfuda"]
 PREFETCHERS = [None, "lookahead", "affinity", "oracle"]
 FAST = ("lru", "lfu", "fifo", "belady")  # the scorers with a replay kernel (demand-only runs)
-LEARNED = ["predictor", "ppo"]  # shipped for tiny-mixtral: timed on --learned-trace
+LEARNED = ["flat-predictor", "ppo"]  # shipped for tiny-mixtral: timed on --learned-trace
 RUNS = [(policy, prefetch) for prefetch in PREFETCHERS for policy in HEURISTICS]
 
 

@@ -24,6 +24,9 @@ from moe_env.sim import simulate
 from moe_env.trace import save_trace
 
 ROOT = Path(__file__).resolve().parents[1]
+# plug-in names of the checkpoint kinds tested here: the flat (tiny-mixtral only) predictor is "flat-predictor"; the
+# shape-agnostic prefetch predictor ("predictor") is tested in tests/test_learned_predictor.py
+SPEC = {"predictor": "flat-predictor", "ppo": "ppo"}
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +75,7 @@ def env_decisions_equal_simulator(trace, policy_spec: str) -> tuple[dict, object
 @pytest.mark.parametrize("kind", ["predictor", "ppo"])
 def test_plugin_decides_as_in_the_env(trace, predictor_path, ppo_path, kind):
     path = predictor_path if kind == "predictor" else ppo_path
-    env_side, sim = env_decisions_equal_simulator(trace, f"{kind}:{path}")
+    env_side, sim = env_decisions_equal_simulator(trace, f"{SPEC[kind]}:{path}")
     assert (env_side["hits"], env_side["misses"]) == (sim.hits, sim.misses)
     assert env_side["stall_s"] == pytest.approx(sim.stall_s)
     assert sim.prefetch_issued > 0  # the learned scores do prefetch (the test is not vacuous)
@@ -94,7 +97,7 @@ def test_save_load_round_trip_gives_identical_decisions(trace, predictor_path, p
     path = predictor_path if kind == "predictor" else ppo_path
     copy = tmp_path / "copy.pt"
     save_checkpoint(load_checkpoint(path, kind), copy)
-    a, b = (simulate(trace, make_policy(f"{kind}:{p}"), 3) for p in (path, copy))
+    a, b = (simulate(trace, make_policy(f"{SPEC[kind]}:{p}"), 3) for p in (path, copy))
     assert a.as_dict() | {"policy": ""} == b.as_dict() | {"policy": ""}
 
 
@@ -110,7 +113,7 @@ def test_corrupt_and_mismatched_checkpoints_are_refused(trace, predictor_path, p
     with pytest.raises(CheckpointError, match="expected 'ppo'"):
         PPOPolicy(predictor_path)
     with pytest.raises(CheckpointError, match="no such"):
-        make_policy(f"predictor:{tmp_path / 'missing.pt'}")
+        make_policy(f"flat-predictor:{tmp_path / 'missing.pt'}")
     poisoned = load_checkpoint(predictor_path, "predictor")
     next(iter(poisoned.state_dict.values()))[0] = float("nan")
     save_checkpoint(poisoned, tmp_path / "nan.pt")
@@ -127,7 +130,7 @@ def test_corrupt_and_mismatched_checkpoints_are_refused(trace, predictor_path, p
     renamed = synthetic_trace()
     renamed.meta.model = "another-model"
     with pytest.raises(CheckpointError, match="another-model"):
-        simulate(renamed, make_policy(f"predictor:{predictor_path}"), 3)
+        simulate(renamed, make_policy(f"flat-predictor:{predictor_path}"), 3)
 
 
 def test_cli_reports_a_bad_checkpoint_in_one_line(trace, tmp_path):
@@ -163,7 +166,7 @@ def test_shipped_defaults_load_for_tiny_mixtral():
     for kind in ("ppo", "predictor"):
         path = shipped_policy_path(kind)
         assert path.is_file(), f"{path} is not shipped"
-        policy = make_policy(kind)
+        policy = make_policy(SPEC[kind])
         ckpt = load_checkpoint(path, kind)
         m = ckpt.model
         assert m["name"] == "tiny-mixtral"
@@ -218,17 +221,6 @@ def test_train_ppo_script_end_to_end_and_resume(trace, tmp_path, capsys):
     assert PPO.load(run_dir / "checkpoints" / "last.zip").num_timesteps >= 512 > first
 
 
-def test_train_predictor_script_end_to_end(trace, tmp_path, capsys):
-    trace_file = save_trace(trace, tmp_path / "t.npz")
-    out = tmp_path / "p.pt"
-    args = ["--traces", f"{trace_file}#1,2", "--eval-traces", f"{trace_file}#0", "--epochs", "2", "--out", str(out)]
-    assert _script("predictor").main(args) == 0
-    text = capsys.readouterr().out
-    assert "lookahead_gate" in text and "previous_token" in text and f"predictor:{out}" in text
-    assert PredictorPolicy(out).ckpt.model["num_experts"] == 6
-    assert _script("predictor").main([*args, "--traces", "/nonexistent.npz"]) == 2
-
-
 @pytest.mark.parametrize(
     ("kind", "config", "heuristic"),
     [("none", {}, "lru"), ("features", {"decayed": 0, "recency": 0, "lookahead": 0, "prefetch_threshold": 2}, "lfu")],
@@ -255,7 +247,7 @@ def test_shipped_policies_beat_lru_on_the_held_out_split():
     trace = type(full)(full.meta, full.sequences[:4])  # 4 of the 16 held-out prompts keep CI light
     lru = simulate(trace, "lru", 4)
     for kind in ("predictor", "ppo"):
-        learned = simulate(trace, make_policy(kind), 4)
+        learned = simulate(trace, make_policy(SPEC[kind]), 4)
         assert learned.stall_s_per_token < lru.stall_s_per_token
         assert learned.hit_rate > lru.hit_rate
 
@@ -283,16 +275,16 @@ def test_shipped_predictor_threshold_depends_on_the_profile_not_on_the_driver():
     trace = type(full)(full.meta, full.sequences[:1])
     thresholds = {}
     for profile in ("consumer-pcie4", "consumer-pcie4:mixtral-8x7b-4bit"):
-        for spec in ("predictor", "predictor:threshold=0.4", "predictor:cost_aware=False"):
+        for spec in ("flat-predictor", "flat-predictor:threshold=0.4", "flat-predictor:cost_aware=False"):
             policy = make_policy(spec)
             simulate(trace, policy, 4, profile)
             thresholds[profile, spec] = policy.threshold
     base = PredictorPolicy().base_threshold
-    assert thresholds["consumer-pcie4", "predictor"] == base
-    assert thresholds["consumer-pcie4:mixtral-8x7b-4bit", "predictor"] > base + 0.3
+    assert thresholds["consumer-pcie4", "flat-predictor"] == base
+    assert thresholds["consumer-pcie4:mixtral-8x7b-4bit", "flat-predictor"] > base + 0.3
     for profile in ("consumer-pcie4", "consumer-pcie4:mixtral-8x7b-4bit"):
-        assert thresholds[profile, "predictor:threshold=0.4"] == 0.4
-        assert thresholds[profile, "predictor:cost_aware=False"] == base
+        assert thresholds[profile, "flat-predictor:threshold=0.4"] == 0.4
+        assert thresholds[profile, "flat-predictor:cost_aware=False"] == base
     ppo = make_policy("ppo")
     simulate(trace, ppo, 4, "consumer-pcie4:mixtral-8x7b-4bit")
     assert ppo.prior.copy_ratio > 5.0
@@ -309,8 +301,8 @@ def test_cost_aware_predictor_does_not_prefetch_itself_behind_demand_lru_when_li
     trace = type(full)(full.meta, full.sequences[:4])
     profile = "consumer-pcie4:mixtral-8x7b-4bit"
     lrfu = simulate(trace, "lrfu:lam=0.01", 4, profile)
-    aware = simulate(trace, make_policy("predictor"), 4, profile)
-    fixed = simulate(trace, make_policy("predictor:cost_aware=False"), 4, profile)
+    aware = simulate(trace, make_policy("flat-predictor"), 4, profile)
+    fixed = simulate(trace, make_policy("flat-predictor:cost_aware=False"), 4, profile)
     assert aware.stall_s_per_token < lrfu.stall_s_per_token
     assert aware.stall_s_per_token < fixed.stall_s_per_token
 
@@ -319,7 +311,7 @@ def test_cost_aware_predictor_does_not_prefetch_itself_behind_demand_lru_when_li
 def test_cost_aware_plugin_decides_as_in_the_env_under_a_link_bound_profile(trace, predictor_path, ppo_path, kind):
     """Bound to the env's cost model, the plug-in acting on env observations matches the simulator's replay."""
     profile = "consumer-pcie4:mixtral-8x7b-4bit"
-    spec = f"{kind}:{predictor_path if kind == 'predictor' else ppo_path}"
+    spec = f"{SPEC[kind]}:{predictor_path if kind == 'predictor' else ppo_path}"
     env = MoEOffloadEnv(trace, capacity=3, profile=profile)
     actor = make_policy(spec)
     actor.bind_cost_model(env.cost)

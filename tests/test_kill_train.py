@@ -86,7 +86,7 @@ def test_predictor_killed_leaves_the_previous_output_intact(tmp_path: Path, trac
     out.write_bytes(previous)
     out.with_suffix(".json").write_text("{}")
     args = ["--traces", f"{trace_file}#0-2", "--eval-traces", f"{trace_file}#3", "--epochs", "100000",
-            "--out", str(out)]  # fmt: skip
+            "--out", str(out), "--run-dir", str(tmp_path / "run")]  # fmt: skip
     process = _start("predictor.py", args, tmp_path)
     seen: list[str] = []
 
@@ -99,4 +99,5 @@ def test_predictor_killed_leaves_the_previous_output_intact(tmp_path: Path, trac
     time.sleep(1.0)  # well into the epochs
     assert out.read_bytes() == previous
     assert out.with_suffix(".json").read_text() == "{}"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.json", "p.pt", "t.npz"]  # no partial file
+    # no partial file next to the output (the run directory holds the epochs, for --resume)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.json", "p.pt", "run", "t.npz"]

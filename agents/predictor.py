@@ -1,4 +1,8 @@
-"""A supervised expert-activation predictor and its plug-in policy (``--policy predictor:PATH``).
+"""The flat expert-activation predictor and its plug-in policy (``--policy flat-predictor:PATH``).
+
+Flat: it reads the env's observation vector, so a checkpoint runs on one shape (the shipped one: tiny-mixtral);
+it is the PPO ``predictor`` prior. The shape-agnostic prefetcher ``--prefetch predictor`` is
+agents/prefetch_predictor.py (it reuses ``copy_ratio`` and ``cost_aware_threshold`` from here).
 
 At the env's decision point (layer l routed, target layer m = l + 1, or layer 0 of the next token) the network
 reads the routing part of the observation (lookahead and gate probs, current selection, the target layer's
@@ -227,7 +231,7 @@ def cost_aware_threshold(threshold: float, ratio: float | None, calibrated_ratio
 
 
 class PredictorPolicy(LearnedPolicy):
-    """``--policy predictor[:PATH][,threshold=0.5][,next_weight=0.5][,copy_ratio=R][,cost_aware=False]``; no PATH:
+    """``--policy flat-predictor[:PATH][,threshold=0.5][,next_weight=0.5][,copy_ratio=R][,cost_aware=False]``; no PATH:
     the shipped tiny-mixtral one. Without ``threshold`` the calibrated one, moved to the bound cost model's copy
     ratio (or to ``copy_ratio``, e.g. in the engine, which has no cost model); ``cost_aware=False``: as calibrated."""
 

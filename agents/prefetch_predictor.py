@@ -41,7 +41,7 @@ from moe_env.errors import CheckpointError, UsageError
 from moe_env.policy import CacheView, ModelSpec, Policy, RouteEvent
 
 KIND = "set-predictor"
-THRESHOLDS = (0.2, 0.35, 0.5, 0.65, 0.8, 1.01)  # 1.01: never prefetch
+THRESHOLDS = (0.2, 0.35, 0.5, 0.65, 0.8, 0.9)
 
 
 def shipped_predictor_path() -> Path:
@@ -259,8 +259,10 @@ class PredictorPrefetch(Policy):
 
 def calibrate(path: Path, validation, capacity: int, profile: str | None, tables: Any = None,
               log=print) -> tuple[float, float]:  # fmt: skip
-    """The threshold with the lowest stall per token on `validation` (LRU eviction; ties: the higher threshold,
-    fewer copies), written back into the checkpoint with the profile's copy ratio; (threshold, stall s/token)."""
+    """The threshold of THRESHOLDS with the lowest stall per token on `validation` (LRU eviction; ties: the higher
+    threshold, fewer copies), written back into the checkpoint with the profile's copy ratio and the stall of no
+    prefetch at all (a prefetcher that never prefetches is not calibrated: the log says when none beats it);
+    returns (threshold, stall s/token)."""
     from moe_env.policy import CombinedPolicy, make_policy
     from moe_env.sim import cost_model_for, simulate
 
@@ -274,11 +276,15 @@ def calibrate(path: Path, validation, capacity: int, profile: str | None, tables
         if best is None or stall <= best[1] + 1e-12:
             best = (threshold, stall)
     assert best is not None
+    demand = simulate(validation, "lru", capacity, profile).stall_s_per_token
     ratio = copy_ratio(cost_model_for(validation.meta, profile), validation.meta.top_k)
     ckpt = load_checkpoint(path, KIND)
-    ckpt.config.update(threshold=best[0], copy_ratio=ratio, calibrated_capacity=capacity, calibrated_profile=profile)
+    ckpt.config.update(threshold=best[0], copy_ratio=ratio, calibrated_capacity=capacity, calibrated_profile=profile,
+                       calibrated_stall_s_per_token=best[1], no_prefetch_stall_s_per_token=demand)  # fmt: skip
     save_checkpoint(ckpt, path)
-    log(f"calibrated threshold {best[0]} ({1e3 * best[1]:.3f} ms/token at {capacity} slots, copy ratio {ratio:.2f})")
+    verdict = "below" if best[1] < demand else "NOT below"
+    log(f"calibrated threshold {best[0]} ({1e3 * best[1]:.3f} ms/token at {capacity} slots, copy ratio {ratio:.2f}; "
+        f"{verdict} LRU without prefetch, {1e3 * demand:.3f} ms/token)")  # fmt: skip
     return best[0], best[1]
 
 

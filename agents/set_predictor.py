@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 from moe_env.agents.candidate_features import FEATURES, CandidateFeatures, ModelTables, event_token
-from moe_env.agents.set_scorer import NumpyScorer, SetScorerNet
+from moe_env.agents.set_scorer import IGNORED_STD, NumpyScorer, SetScorerNet
 
 from moe_env.policy import ModelSpec, RouteEvent
 from moe_env.routing import route_events
@@ -200,11 +200,12 @@ def new_net(samples: PredictionSamples, hidden: int) -> SetScorerNet:
     fed, magnified by a tiny std, into weights that never learned it."""
     flat = samples.rows.reshape(-1, samples.rows.shape[2])
     net = SetScorerNet(flat.shape[1], hidden)
-    std = flat.std(axis=0)
+    std = flat.astype(np.float64).std(axis=0)
+    constant = std < 1e-6
     with torch.no_grad():
         net.mean.copy_(torch.from_numpy(flat.mean(axis=0)).float())
-        net.std.copy_(torch.from_numpy(std).float().clamp_min(1e-3))
-        net.body[0].weight[:, torch.from_numpy(std < 1e-6)] = 0.0
+        net.std.copy_(torch.from_numpy(np.where(constant, IGNORED_STD, np.maximum(std, 1e-3))).float())
+        net.body[0].weight[:, torch.from_numpy(constant)] = 0.0
     return net
 
 

@@ -23,7 +23,7 @@ export XDG_CACHE_HOME="$WORK/cache"
 set -x
 "$V/moe-env" generate --prompt "def fibonacci(n):" --max-new-tokens 8 --cache-slots 4 --policy lru --prefetch lookahead
 "$V/moe-env" record --prompts builtin:eval --limit 1 --max-new-tokens 4 --out "$WORK/run/t.npz"
-"$V/moe-env" bench --trace builtin:tiny-mixtral/eval --policies lru,lfu,predictor --cache-slots 4 --json > bench.json
+"$V/moe-env" bench --trace builtin:tiny-mixtral/eval --policies lru,lfu,flat-predictor --prefetch none,predictor --cache-slots 4 --json > bench.json
 MOE_ENV_VENV="$WORK/venv" "$V/python" - <<'PY'
 import importlib.util
 import json
@@ -33,7 +33,8 @@ import gymnasium
 import moe_env
 
 rows = json.load(open("bench.json"))
-assert {r["policy"] for r in rows} >= {"lru", "lfu", "predictor"}, rows
+assert {r["policy"] for r in rows} >= {"lru", "lfu", "flat-predictor"}, rows
+assert {r["prefetch"] for r in rows} >= {"none", "predictor"}, rows  # the shipped shape-agnostic prefetcher
 env = gymnasium.make("moe_env/MoEOffload-v0")
 obs, info = env.reset(seed=0)
 obs, reward, terminated, truncated, info = env.step(env.action_space.sample())

@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
-from moe_env.agents.candidate_features import FEATURES, CandidateFeatures, ModelTables, event_token
+from moe_env.agents.candidate_features import FEATURES, CandidateFeatures, ModelTables
 from moe_env.agents.set_scorer import IGNORED_STD, NumpyScorer, SetScorerNet
 
 from moe_env.policy import ModelSpec, RouteEvent
@@ -292,7 +292,3 @@ def samples_for(trace: Trace, tables: ModelTables | None, max_samples: int | Non
     cells = decode_cells(trace)
     keep = 1.0 if not max_samples or cells <= max_samples else max_samples / cells
     return collect_samples(trace, PredictionFeatures(model_spec(trace.meta), tables), keep, seed)
-
-
-def has_tokens(event: RouteEvent) -> bool:
-    return event_token(event) is not None

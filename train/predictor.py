@@ -44,6 +44,7 @@ from moe_env.agents.prefetch_predictor import (
     SetPredictorConfig,
     calibrate,
     default_calibration_capacity,
+    load_set_predictor,
     needed_signals,
     save_set_predictor,
 )
@@ -151,8 +152,6 @@ def _main(argv: list[str] | None) -> int:
         threshold, stall = calibrate(best_path, _head(splits.validation, config.calibrate_sequences), capacity,
                                      args.profile, tables=data.tables, log=log)  # fmt: skip
         evaluation = samples_for(splits.evaluation, data.tables, config.validation_samples, config.seed + 1)
-        from moe_env.agents.prefetch_predictor import load_set_predictor
-
         net, _ = load_set_predictor(best_path)
         quality = prediction_quality(evaluation, NumpyScorer(net), meta.top_k)
         eval_head = _head(splits.evaluation, config.calibrate_sequences)

@@ -72,10 +72,6 @@ class PredictionFeatures:
     def update(self, event: RouteEvent) -> None:
         self.base.update(event, 0)
 
-    @property
-    def step(self) -> int:
-        return self.base.step
-
     def rows(self, layer: int) -> np.ndarray:
         """Features [E, NUM_PREDICTOR_FEATURES] of every expert of `layer` at the current step."""
         base = self.base

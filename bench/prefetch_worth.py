@@ -1,0 +1,66 @@
+"""Prefetchers side by side: the rows of ``moe-env bench`` for every (eviction, prefetch, slots), streamed as they
+are computed, without bench's memory-at-equal-hit-rate search (which replays extra budgets), then one table.
+
+    python bench/prefetch_worth.py --trace T --policies lru,lrfu:lam=0.01 --prefetch none,affinity,predictor \\
+        --cache-slots 8,16,32 --profile consumer-pcie4:deepseek-v2-lite
+
+Every figure comes from the same replays as ``moe-env bench`` with the same options (moe_env.commands.bench
+``Bench``): hit rate (prefetched copies count, so compare stall), stall per token, prefetches used and wasted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from moe_env.commands.bench import Bench
+from moe_env.errors import MoeEnvError
+from moe_env.trace import load_trace
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--trace", required=True)
+    p.add_argument("--policies", default="lru")
+    p.add_argument("--prefetch", default="none,affinity,predictor")
+    p.add_argument("--cache-slots", default="8,16,32")
+    p.add_argument("--profile", default=None)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        slots = [int(s) for s in args.cache_slots.split(",")]
+        policies, prefetchers = args.policies.split(","), args.prefetch.split(",")
+        bench = Bench(args.trace, load_trace(args.trace), args.profile)
+        print(f"trace {args.trace}, profile {bench.cost.name}", flush=True)
+        cells = {}
+        for s in slots:
+            for policy in policies:
+                for prefetch in prefetchers:
+                    r = bench.row(policy, prefetch, s).result
+                    cells[policy, prefetch, s] = r
+                    print(f"{policy:16s} {prefetch:10s} {s:3d} slots: hit rate {r.hit_rate:.3f}, stall "
+                          f"{1e3 * r.stall_s_per_token:.2f} ms/token, prefetch used {r.prefetch_used} wasted "
+                          f"{r.prefetch_wasted}", flush=True)  # fmt: skip
+    except MoeEnvError as exc:
+        print(f"prefetch_worth.py: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"\n| eviction | prefetch | {' | '.join(f'{s} slots' for s in slots)} |")
+    print("|---|---|" + "---|" * len(slots))
+    for policy in policies:
+        for prefetch in prefetchers:
+            row = []
+            for s in slots:
+                r = cells[policy, prefetch, s]
+                used = ""
+                if prefetch != "none":
+                    used = f", {r.prefetch_used / 1e3:.0f} k used / {r.prefetch_wasted / 1e3:.0f} k wasted"
+                row.append(f"{1e3 * r.stall_s_per_token:.2f} ({r.hit_rate:.3f}{used})")
+            print(f"| {policy} | {prefetch} | {' | '.join(row)} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -48,7 +48,7 @@ def test_least_meeting_takes_few_probes_on_a_smooth_hit_rate_curve():
     assert len(probes) <= 9  # plain bisection from the full range takes 12 (+1 to check the top)
 
 
-@pytest.mark.parametrize("policy", ["imitation", "predictor", "ppo"])
+@pytest.mark.parametrize("policy", ["imitation", "flat-predictor", "ppo"])  # learned eviction policies
 def test_a_learned_policy_in_a_shared_pool_is_refused_in_one_line_everywhere(policy, capsys):
     """Learned scorers rank within a layer only (ranks_across_layers False): bench (before any replay, though
     its uniform cells come first), generate and the env refuse a shared pool with one line, exit 2."""

@@ -125,5 +125,7 @@ if __name__ == "__main__":
         load_one(sys.argv[2], sys.argv[3])
     elif mode in ("load", "breakdown", "ab"):
         globals()[mode]()
+    elif mode in ("-h", "--help"):
+        print(f"usage: {__doc__}")
     else:
         sys.exit(__doc__)

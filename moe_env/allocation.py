@@ -37,6 +37,7 @@ BUDGET_SYNTAX = (
     "a byte size with a unit (6GiB, 512MB), a fraction of all expert bytes with a decimal point or a percent sign "
     "(0.25, 25%), or a whole number of slots in all layers together (96)"
 )
+BUDGET_SYNTAX_HELP = BUDGET_SYNTAX.replace("%", "%%")  # argparse expands % in help strings
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from moe_env.allocation import BUDGET_SYNTAX, parse_budget
+from moe_env.allocation import BUDGET_SYNTAX, BUDGET_SYNTAX_HELP, parse_budget
 from moe_env.bench_rows import bench_row
 from moe_env.budget_bench import BudgetBench, IsoBytes, check_ranks_across_layers, print_rows
 from moe_env.budget_bench import print_iso as print_iso_bytes
@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     budget = parser.add_mutually_exclusive_group()
     budget.add_argument("--cache-slots", default=None, help="slots per layer to compare, e.g. 3,4,5 (default)")
     budget.add_argument("--cache-budget", default=None,
-                        help=f"total budgets to compare, comma-separated, each {BUDGET_SYNTAX}")  # fmt: skip
+                        help=f"total budgets to compare, comma-separated, each {BUDGET_SYNTAX_HELP}")  # fmt: skip
     parser.add_argument("--allocation", default=None,
                         help="with --cache-budget: layouts, e.g. uniform,shared,profile:TRAIN_TRACE")  # fmt: skip
     parser.add_argument("--warm", action="store_true", help="with --cache-budget: replay the trace as one request "

@@ -7,7 +7,7 @@ import json
 import sys
 from typing import TYPE_CHECKING
 
-from moe_env.allocation import BUDGET_SYNTAX
+from moe_env.allocation import BUDGET_SYNTAX_HELP
 from moe_env.cache import PREFILL_MODES
 from moe_env.embedded import DEFAULT_MODEL
 from moe_env.errors import UsageError
@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (greedy)")
     budget = parser.add_mutually_exclusive_group()
     budget.add_argument("--cache-slots", default=None, help="device slots per MoE layer: top_k..num_experts or all")
-    budget.add_argument("--cache-budget", default=None, help=f"device expert memory: {BUDGET_SYNTAX}")
+    budget.add_argument("--cache-budget", default=None, help=f"device expert memory: {BUDGET_SYNTAX_HELP}")
     parser.add_argument("--allocation", default="uniform", help="how the budget is laid out: uniform, shared, "
                         "profile:TRACE (per-layer slots from a training trace)")  # fmt: skip
     parser.add_argument("--prefill", default="chunked", choices=PREFILL_MODES,

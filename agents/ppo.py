@@ -1,9 +1,15 @@
-"""PPO on MoEOffloadEnv (stable-baselines3) and the trained policy as a plug-in (``--policy ppo:PATH``).
+"""The ``ppo`` plug-in: the shape-agnostic eviction scorer trained by PPO (default), and the older residual PPO.
 
-The agent outputs a residual on a score prior (moe_env.agents.prior): the env receives
-``clip(prior(obs) + residual_scale * residual, -1, 1)``. ``ResidualActionWrapper`` applies it during training;
-``PPOPolicy`` applies the same function outside the env, from the policy-only checkpoint (actor weights, log_std,
-value net for completeness, the prior and its weights): so decisions in the env and as a plug-in are identical.
+``PPOPolicy`` (``--policy ppo[:PATH]``) loads a checkpoint of the eviction-decision PPO (agents/ppo_evict_train.py):
+a set scorer over candidate feature rows, run exactly as the imitation plug-in runs its scorer, so one checkpoint
+runs on any (layers, experts, top-k) and budget. Given a checkpoint of the older residual PPO (below), it builds a
+``ResidualPPOPolicy`` instead, so such runs stay loadable by path.
+
+Residual PPO (PPO on MoEOffloadEnv, flat observation, one shape per checkpoint): the agent outputs a residual on a
+score prior (moe_env.agents.prior): the env receives ``clip(prior(obs) + residual_scale * residual, -1, 1)``.
+``ResidualActionWrapper`` applies it during training; ``ResidualPPOPolicy`` applies the same function outside the
+env, from the policy-only checkpoint (actor weights, log_std, value net for completeness, the prior and its
+weights): so decisions in the env and as a plug-in are identical.
 """
 
 from __future__ import annotations
@@ -16,10 +22,19 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 import torch
-from moe_env.agents.checkpoint import PolicyCheckpoint, load_checkpoint, save_checkpoint, shipped_policy_path, spec_dict
+from moe_env.agents.candidate_features import FEATURES, NUM_FEATURES
+from moe_env.agents.checkpoint import (
+    PolicyCheckpoint,
+    load_checkpoint,
+    load_weights,
+    save_checkpoint,
+    spec_dict,
+)
+from moe_env.agents.imitation import SIGNALS, ScorerEviction
 from moe_env.agents.learned import LearnedPolicy, check_obs_size
 from moe_env.agents.predictor import copy_ratio
 from moe_env.agents.prior import ScorePrior
+from moe_env.agents.set_scorer import NumpyScorer, SetScorerNet
 from stable_baselines3.common.policies import ActorCriticPolicy
 
 from moe_env.env import MoEOffloadEnv
@@ -27,6 +42,14 @@ from moe_env.errors import CheckpointError
 from moe_env.policy import CacheView, ModelSpec, RouteEvent
 
 KIND = "ppo"
+EVICT = "evict"  # config["decision"] of a shape-agnostic eviction-scorer checkpoint
+
+
+def shipped_ppo_path() -> Path:
+    """The shipped default: the eviction scorer PPO trained on DSV2-Lite (any shape; README "PPO")."""
+    import moe_env
+
+    return Path(moe_env.__file__).resolve().parent / "assets" / "policies" / "ppo.pt"
 
 
 @dataclass
@@ -118,15 +141,15 @@ def save_ppo_policy(policy: ActorCriticPolicy, prior: ScorePrior, config: PPOCon
     return save_checkpoint(policy_checkpoint(policy, prior, config, spec, capacity), path)
 
 
-class PPOPolicy(LearnedPolicy):
-    """``--policy ppo[:PATH][,copy_ratio=R]``: a trained PPO policy (deterministic: the Gaussian's mean); no PATH:
-    the shipped one. A predictor prior's prefetch threshold follows the bound cost model (or ``copy_ratio``)."""
+class ResidualPPOPolicy(LearnedPolicy):
+    """``--policy ppo:PATH[,copy_ratio=R]`` for a residual PPO checkpoint (deterministic: the Gaussian's mean).
+    A predictor prior's prefetch threshold follows the bound cost model (or ``copy_ratio``)."""
 
-    def __init__(self, path: str | os.PathLike | None = None, copy_ratio: float | None = None):
+    def __init__(self, path: str | os.PathLike, copy_ratio: float | None = None):
         super().__init__()  # LRU fallback, as the env's default
         self.copy_ratio = None if copy_ratio is None else float(copy_ratio)
         self._cost = None
-        self.path = Path(path) if path else shipped_policy_path(KIND)
+        self.path = Path(path)  # none ships any more: the shipped ppo is the shape-agnostic PPOPolicy
         where = str(self.path)
         self.ckpt = load_checkpoint(self.path, KIND)
         saved = dict(self.ckpt.config)
@@ -167,3 +190,63 @@ class PPOPolicy(LearnedPolicy):
 
     def act(self, obs: np.ndarray, event: RouteEvent, cache: CacheView) -> np.ndarray:
         return combine(self.prior(obs), self.residual(obs), self.config.residual_scale)
+
+
+# --------------------------------------------------------------------------- the shape-agnostic eviction scorer
+
+
+def is_eviction_checkpoint(ckpt: PolicyCheckpoint) -> bool:
+    return ckpt.config.get("decision") == EVICT
+
+
+def save_eviction_ppo(net: SetScorerNet, described: dict[str, Any], path: str | os.PathLike) -> Path:
+    """The actor's SetScorerNet as a shape-agnostic ``ppo`` checkpoint (the imitation checkpoint's layout)."""
+    config = dict(described) | {"decision": EVICT, "features": list(FEATURES), "hidden": net.body[0].out_features}
+    model = {"name": "", "num_layers": 0, "num_experts": 0, "top_k": 0}  # shape-agnostic
+    return save_checkpoint(PolicyCheckpoint(KIND, model, 0, NUM_FEATURES, config, net.state_dict()), path)
+
+
+def load_eviction_net(ckpt: PolicyCheckpoint, where: str) -> SetScorerNet:
+    saved = list(ckpt.config.get("features", []))
+    if saved != list(FEATURES):
+        raise CheckpointError(f"{where}: trained on features {saved}, this moe-env computes {list(FEATURES)}")
+    net = SetScorerNet(NUM_FEATURES, int(ckpt.config.get("hidden", 32)))
+    load_weights(net, ckpt, where)
+    return net.eval()
+
+
+class PPOPolicy(ScorerEviction):
+    """``--policy ppo[:PATH][,tables=PATH|none]``: the PPO-trained eviction scorer (no PATH: the shipped one, any
+    shape). Model tables as the imitation plug-in's: the shipped ones of the model's shape unless given. A residual
+    PPO checkpoint builds a ResidualPPOPolicy (its ``copy_ratio`` argument is accepted there only)."""
+
+    def __new__(cls, path: str | os.PathLike | None = None, **kwargs: Any):
+        if path is not None and not is_eviction_checkpoint(load_checkpoint(path, KIND)):
+            return ResidualPPOPolicy(path, **kwargs)
+        return super().__new__(cls)
+
+    def __init__(self, path: str | os.PathLike | None = None, tables: str | None = None):
+        self.path = Path(path) if path else shipped_ppo_path()
+        self.ckpt = load_checkpoint(self.path, KIND)
+        net = load_eviction_net(self.ckpt, str(self.path))
+        choice: str | None = "shipped" if tables is None else tables
+        super().__init__(NumpyScorer(net), None if str(choice).lower() == "none" else choice)
+        self.needs = [str(n) for n in self.ckpt.config.get("needs", [])]
+        unknown = sorted(set(self.needs) - set(SIGNALS))
+        if unknown:
+            raise CheckpointError(f"{self.path}: needs unknown signals {unknown} (known: {', '.join(SIGNALS)})")
+        self._checked = False
+
+    def begin_sequence(self, cache: CacheView) -> None:
+        super().begin_sequence(cache)
+        self._checked = not self.needs
+
+    def observe(self, event: RouteEvent, cache: CacheView) -> None:
+        if not self._checked and not event.prefill:
+            for name in self.needs:
+                if not SIGNALS[name](event):
+                    raise CheckpointError(
+                        f"{self.path}: this policy needs the {name}, which this trace lacks; use another policy"
+                    )
+            self._checked = True
+        super().observe(event, cache)

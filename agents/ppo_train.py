@@ -22,7 +22,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 from moe_env.agents.checkpoint import shipped_policy_path
-from moe_env.agents.ppo import PPOConfig, PPOPolicy, ResidualActionWrapper, save_ppo_policy
+from moe_env.agents.ppo import PPOConfig, ResidualActionWrapper, ResidualPPOPolicy, save_ppo_policy
 from moe_env.agents.predictor import PredictorPolicy, copy_ratio
 from moe_env.agents.prior import ScorePrior
 from stable_baselines3 import PPO
@@ -245,7 +245,7 @@ def train_ppo(config: PPOConfig, train_trace: Trace, validation: Trace, run_dir:
         save_ppo_policy(model.policy, prior, config, spec, capacity, path)
 
     def evaluate(path: Path) -> dict:
-        result = simulate(validation, PPOPolicy(path), capacity, cost)
+        result = simulate(validation, ResidualPPOPolicy(path), capacity, cost)
         gap = (result.hit_rate - lru) / (belady - lru) if belady > lru else float("nan")
         return {"hit_rate": result.hit_rate, "stall_s_per_token": result.stall_s_per_token, "gap_captured": gap}
 

@@ -3,6 +3,7 @@
 __version__ = "0.1.0"
 
 ENV_ID = "moe_env/MoEOffload-v0"
+EVICTION_ENV_ID = "moe_env/EvictionDecision-v0"  # one step per eviction, candidate feature rows (agents/)
 
 
 def _register_envs() -> None:
@@ -16,6 +17,8 @@ def _register_envs() -> None:
         gymnasium.register(
             id=ENV_ID, entry_point="moe_env.env:make_env", vector_entry_point="moe_env.vector_env:ReplayVectorEnv"
         )
+    if EVICTION_ENV_ID not in gymnasium.registry:
+        gymnasium.register(id=EVICTION_ENV_ID, entry_point="moe_env.agents.eviction_env:EvictionDecisionEnv")
 
 
 _register_envs()

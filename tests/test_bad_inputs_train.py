@@ -44,7 +44,8 @@ def inputs(tmp_path: Path, monkeypatch) -> dict[str, str]:
         "lr_negative": {"lr": -1.0},
         "gamma_bool": {"gamma": True},
     }
-    paths = {"trace": str(trace), "other": str(other), "dir": str(directory), "file": str(trace)}
+    paths = {"trace": str(trace), "other": str(other), "dir": str(directory), "file": str(trace),
+             "residual": str(ROOT / "train" / "configs" / "ppo-residual.json")}  # fmt: skip
     for name, values in configs.items():
         (directory / f"{name}.json").write_text(json.dumps(values))
         paths[name] = str(directory / f"{name}.json")
@@ -85,7 +86,17 @@ PPO_CASES = [
     ("traces-missing", ["--traces", "{dir}/none.npz"], "no such trace"),
     ("bad-selection", ["--traces", "{trace}#x"], "'x' is not a position or a range"),
     ("selection-past-end", ["--traces", "{trace}#9"], "position 9 is past the 4 sequences"),
-    ("prior-predictor-missing", ["--prior", "predictor", "--prior-predictor", "{dir}/none.pt"], "no such file"),
+    (
+        "prior-predictor-missing",
+        ["--config", "{residual}", "--prior", "predictor", "--prior-predictor", "{dir}/none.pt"],
+        "no such file",
+    ),
+    ("prior-with-eviction-ppo", ["--prior", "features"], "--prior applies to the residual PPO"),
+    ("start-missing", ["--start", "{dir}/none.pt"], "--start {dir}/none.pt: no such file"),
+    ("start-not-a-checkpoint", ["--start", "{not_json}"], "not a readable policy checkpoint"),
+    ("start-with-residual-ppo", ["--config", "{residual}", "--start", "{file}"], "--start applies to the eviction"),
+    ("reward-unknown", ["--reward", "hits"], "unknown reward 'hits'"),
+    ("capacity-no-eviction", ["--capacity", "6"], "at 6 nothing is ever evicted"),
 ]
 PREDICTOR_CASES = [
     ("config-string-epochs", ["--config", "{epochs_x}"], "epochs must be an integer, got 'x'"),
@@ -115,6 +126,7 @@ def _listing(root: Path) -> set[str]:
 )
 def test_bad_input_is_refused_before_training(scripts, inputs, tmp_path, capsys, script, args, message):
     argv = [a.format(**inputs) for a in args]
+    message = message.format(**inputs)
     if "--traces" not in argv:
         argv += ["--traces", inputs["trace"]]  # small: a refusal must not depend on the default traces
     before = _listing(tmp_path)

@@ -1,7 +1,14 @@
 """Train a PPO expert-cache policy on traces and compare it with the heuristics on held-out traces.
 
+The default config (train/configs/ppo.json, ``"mode": "evict"``) trains the shape-agnostic eviction PPO: the
+imitation set scorer (the shipped one, or ``--start CKPT``) fine-tuned by PPO on the eviction-decision env; it runs
+on any trace with no other flag, its budgets derived from the trace (1/8, 1/4, 1/2 of the experts). A config
+without ``mode`` (train/configs/ppo-residual.json and the other ppo-*.json) trains the older residual PPO on
+MoEOffloadEnv (one shape per checkpoint).
+
+    python train/ppo.py --traces ../shared/traces/dsv2lite-puffin#id=1-800 --validation-traces ...#id=801-900 \
+        --eval-traces ../shared/traces/dsv2lite-puffin#id=901-1000
     python train/ppo.py                         # builtin:tiny-mixtral/train, eval on builtin:tiny-mixtral/eval
-    python train/ppo.py --traces ../shared/traces/dsv2lite-puffin#id=1-900 --profile consumer-pcie4:deepseek-v2-lite
     python train/ppo.py --traces T.jsonl#0 --validation-traces T.jsonl#1 --eval-traces T2.jsonl
     python train/ppo.py --run-dir runs/x --resume   # continue after Ctrl-C or a kill
     python train/ppo.py --n-envs 4                  # rollouts from 4 env worker processes (SubprocVecEnv)
@@ -10,8 +17,8 @@
 Splits are by sequence (moe_env.agents.traces.make_splits): without --eval-traces the last 10% of the training
 sequences are held out, without --validation-traces the last 20% of the rest validate; overlaps are refused.
 Everything that can be checked before training is: config types and ranges, the cache size, output paths, that
-the policy will run on the eval traces' model. Library code: agents/ppo.py, agents/ppo_train.py, agents/evaluate.py,
-agents/tune.py (the sweep).
+the policy will run on the eval traces' model. Library code: agents/ppo.py, agents/ppo_evict_train.py,
+agents/eviction_env.py, agents/ppo_train.py (residual), agents/evaluate.py, agents/tune.py (the sweep, residual).
 """
 
 from __future__ import annotations
@@ -28,6 +35,14 @@ from pathlib import Path
 from moe_env.agents.configs import load_config
 from moe_env.agents.evaluate import compare, json_text, report, write_text_atomically
 from moe_env.agents.ppo import PPOConfig
+from moe_env.agents.ppo_evict_train import (
+    MODE,
+    EvictionPPOConfig,
+    check_config,
+    run_capacities,
+    start_checkpoint,
+    train_eviction_ppo,
+)
 from moe_env.agents.ppo_train import resolve_prior, resume_checkpoint, train_ppo, write_run_files
 from moe_env.agents.traces import Splits, make_splits
 
@@ -38,6 +53,7 @@ from moe_env.outputs import check_writable_dir, check_writable_file
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "ppo.json"
 POSITIVE = ("total_timesteps", "n_envs", "n_steps", "batch_size", "n_epochs", "learning_rate", "eval_every",
             "torch_threads")  # fmt: skip
+RUN_KEYS = ("traces", "eval_traces", "validation_traces")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -50,8 +66,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--capacity", type=int, default=None, help="cache slots per layer (default: half the experts)")
     p.add_argument("--profile", default=None, help="cost model HARDWARE[:EXPERTS]")
-    p.add_argument("--prior", default=None, help="score prior: none | features | predictor")
-    p.add_argument("--prior-predictor", default=None, help="predictor checkpoint for --prior predictor")
+    p.add_argument(
+        "--start", default=None, help="eviction PPO: the imitation checkpoint to start from (default: the shipped one)"
+    )
+    p.add_argument("--reward", default=None, help="eviction PPO: belady | misses (agents/eviction_env.py)")
+    p.add_argument("--prior", default=None, help="residual PPO: score prior none | features | predictor")
+    p.add_argument("--prior-predictor", default=None, help="residual PPO: predictor checkpoint for --prior predictor")
     p.add_argument("--run-dir", default=None, help="default runs/ppo-<model>-<time>")
     p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
     p.add_argument("--json", action="store_true", help="print the final comparison as JSON rows")
@@ -61,13 +81,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def load_run_config(args: argparse.Namespace) -> PPOConfig:
+def config_mode(path: Path) -> str:
+    """``evict`` for a config with ``"mode": "evict"``, else ``residual`` (load_config reports unreadable files)."""
+    try:
+        values = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return "residual"
+    return MODE if isinstance(values, dict) and values.get("mode") == MODE else "residual"
+
+
+def load_run_config(args: argparse.Namespace) -> PPOConfig | EvictionPPOConfig:
     path = Path(args.config)
     if args.resume and args.run_dir and (Path(args.run_dir) / "config.json").is_file():
         path = Path(args.run_dir) / "config.json"
-    overrides = {"total_timesteps": args.total_timesteps, "seed": args.seed, "capacity": args.capacity,
-                 "profile": args.profile, "prior": args.prior, "prior_predictor": args.prior_predictor}  # fmt: skip
-    config = load_config(PPOConfig, path, overrides, POSITIVE, ignore=("traces", "eval_traces", "validation_traces"))
+    common = {"total_timesteps": args.total_timesteps, "seed": args.seed, "profile": args.profile}
+    if config_mode(path) == MODE:
+        for flag, value in (("--prior", args.prior), ("--prior-predictor", args.prior_predictor)):
+            if value is not None:
+                raise UsageError(f"{flag} applies to the residual PPO (--config train/configs/ppo-residual.json)")
+        capacities = None if args.capacity is None else [args.capacity]
+        overrides = common | {"capacities": capacities, "start": args.start, "reward": args.reward}
+        config = load_config(EvictionPPOConfig, path, overrides, POSITIVE, ignore=RUN_KEYS)
+    else:
+        for flag, value in (("--start", args.start), ("--reward", args.reward)):
+            if value is not None:
+                raise UsageError(f'{flag} applies to the eviction PPO (a config with "mode": "evict")')
+        overrides = common | {"capacity": args.capacity, "prior": args.prior, "prior_predictor": args.prior_predictor}
+        config = load_config(PPOConfig, path, overrides, POSITIVE, ignore=RUN_KEYS)
     if args.n_envs is not None:
         if args.n_envs < 1:
             raise UsageError(f"--n-envs must be at least 1, got {args.n_envs}")
@@ -101,6 +141,46 @@ def tune_main(args: argparse.Namespace, config: PPOConfig, splits: Splits) -> in
     return 0
 
 
+def evict_main(args: argparse.Namespace, config: EvictionPPOConfig, splits: Splits, log) -> int:
+    """The eviction PPO: checks first (budgets, start checkpoint, output paths), then train, then the final
+    tables: the trained policy against its starting imitation policy and the heuristics, at every budget."""
+    if args.tune:
+        raise UsageError("--tune sweeps the residual PPO (--config train/configs/ppo-residual.json)")
+    check_config(config)
+    meta = splits.train.meta
+    for capacity in config.capacities or []:
+        splits.checked_capacity(capacity)  # the messages every training script gives
+    capacities = run_capacities(config, splits.train)
+    for capacity in capacities:
+        splits.checked_capacity(capacity)
+    start, _, _ = start_checkpoint(config)
+    run_dir = Path(args.run_dir or f"runs/ppo-{meta.model or 'unnamed'}-{time.strftime('%Y%m%d-%H%M%S')}")
+    check_writable_dir(run_dir, "--run-dir")
+    if args.resume:
+        resume_checkpoint(run_dir, lambda _: None)  # refuse now, not after writing the run files
+    command = shlex.join([sys.executable, *sys.argv])
+    specs = {"traces": args.traces, "eval_traces": args.eval_traces, "validation_traces": args.validation_traces}
+    write_run_files(run_dir, config, specs, command)
+    log(f"run {run_dir}: {config.total_timesteps} timesteps at {capacities} slots, starting from {start}; "
+        f"{splits.note}")  # fmt: skip
+    for warning in splits.warnings:
+        log(warning)
+    best = train_eviction_ppo(config, splits.train, splits.validation, run_dir, resume=args.resume, log=log)
+    learned = [f"ppo:{best},tables={config.tables}", f"imitation:{start},tables={config.tables}"]
+    all_rows = []
+    for capacity in capacities:
+        bench, rows = compare(splits.eval_label, splits.evaluation, learned, capacity, config.profile)
+        if not args.json:
+            report(bench, rows, False)
+        all_rows += rows
+    if args.json:
+        print(json_text([row.as_dict() for row in all_rows]))
+    if args.ship:
+        ship(best, Path(args.ship), run_dir, all_rows)
+        log(f"shipped {args.ship}")
+    return 0
+
+
 def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
     log = (lambda msg: print(msg, file=sys.stderr)) if args.json else print
@@ -112,6 +192,8 @@ def _main(argv: list[str] | None) -> int:
             check_writable_file(args.ship, "--ship")
             check_writable_file(Path(args.ship).with_suffix(".json"), "--ship")
         splits = make_splits(args.traces, args.eval_traces, args.validation_traces)
+        if isinstance(config, EvictionPPOConfig):
+            return evict_main(args, config, splits, log)
         if args.tune:
             return tune_main(args, config, splits)
         meta = splits.train.meta

@@ -51,6 +51,7 @@ from moe_env.errors import MoeEnvError, UsageError
 from moe_env.outputs import check_writable_dir, check_writable_file
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "ppo.json"
+RESIDUAL_CONFIG = DEFAULT_CONFIG.with_name("ppo-residual.json")  # the default of --tune (sweeps the residual PPO)
 POSITIVE = ("total_timesteps", "n_envs", "n_steps", "batch_size", "n_epochs", "learning_rate", "eval_every",
             "torch_threads")  # fmt: skip
 RUN_KEYS = ("traces", "eval_traces", "validation_traces")
@@ -58,7 +59,12 @@ RUN_KEYS = ("traces", "eval_traces", "validation_traces")
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="PPO config JSON (moe_env.agents.ppo.PPOConfig)")
+    p.add_argument(
+        "--config",
+        default=None,
+        help="PPO config JSON (default train/configs/ppo.json, the eviction "
+        "PPO; with --tune train/configs/ppo-residual.json)",
+    )
     p.add_argument("--traces", default=None, help="training traces, spec[#selection] (default: tiny-mixtral train)")
     p.add_argument("--eval-traces", default=None, help="held-out traces (default: the last 10%% of --traces)")
     p.add_argument("--validation-traces", default=None, help="model selection (default: last 20%% of training)")
@@ -91,7 +97,7 @@ def config_mode(path: Path) -> str:
 
 
 def load_run_config(args: argparse.Namespace) -> PPOConfig | EvictionPPOConfig:
-    path = Path(args.config)
+    path = Path(args.config or (RESIDUAL_CONFIG if args.tune else DEFAULT_CONFIG))
     if args.resume and args.run_dir and (Path(args.run_dir) / "config.json").is_file():
         path = Path(args.run_dir) / "config.json"
     common = {"total_timesteps": args.total_timesteps, "seed": args.seed, "profile": args.profile}

@@ -8,7 +8,7 @@ Policies are built once per row (the plug-in registry lookup, ~2 ms per spec, is
 
 Every built-in eviction policy with every prefetcher (none, lookahead, affinity, oracle) on --trace (default: the
 shared Mixtral log, which has no lookahead logits: lookahead prefetches nothing there), then the shipped learned
-policies on --learned-trace (they are trained for tiny-mixtral), each table with its own reference loop.
+policies on --learned-trace (flat-predictor needs tiny-mixtral's shape), each table with its own reference loop.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ DEFAULT_TRACE = Path(__file__).resolve().parents[1].parent / "shared" / "traces"
 HEURISTICS = ["lru", "lfu", "fifo", "belady", "random:seed=0", "lfu-decay:decay=0.9", "lrfu:lam=0.1", "lfuda"]
 PREFETCHERS = [None, "lookahead", "affinity", "oracle"]
 FAST = ("lru", "lfu", "fifo", "belady")  # the scorers with a replay kernel (demand-only runs)
-LEARNED = ["flat-predictor", "ppo"]  # shipped for tiny-mixtral: timed on --learned-trace
+LEARNED = ["flat-predictor", "ppo"]  # timed on --learned-trace (flat-predictor runs on tiny-mixtral only)
 RUNS = [(policy, prefetch) for prefetch in PREFETCHERS for policy in HEURISTICS]
 
 

@@ -147,24 +147,16 @@ class ScorerEviction(CandidateFeaturePolicy):
         return self._scores[candidates]
 
 
-class ImitationPolicy(ScorerEviction):
-    """``--policy imitation[:PATH][,tables=PATH|none]``: the learned eviction scorer; no PATH: the shipped one.
+class CheckpointScorerEviction(ScorerEviction):
+    """A ScorerEviction whose set scorer comes from a checkpoint of `kind` (imitation, ppo): the features must be
+    this moe-env's, and a signal the checkpoint needs is checked on each sequence's first decode event."""
 
-    Model tables (a training split's statistics) are the shipped ones of the model's shape unless ``tables`` is
-    given (``none``: start the online statistics empty)."""
-
-    def __init__(self, path: str | os.PathLike | None = None, tables: str | None = None):
-        self.path = Path(path) if path else shipped_imitation_path()
-        self.ckpt = load_checkpoint(self.path, KIND)
-        saved = list(self.ckpt.config.get("features", []))
-        if saved != list(FEATURES):
-            raise CheckpointError(f"{self.path}: trained on features {saved}, this moe-env computes {list(FEATURES)}")
-        net = SetScorerNet(NUM_FEATURES, int(self.ckpt.config.get("hidden", 32)))
-        load_weights(net, self.ckpt, self.path)
-        choice: ModelTables | str | None = "shipped" if tables is None else tables
-        if isinstance(choice, str) and choice.lower() == "none":
-            choice = None
-        super().__init__(NumpyScorer(net.eval()), choice)
+    def __init__(self, path: Path, kind: str, tables: str | None = None):
+        self.path = path
+        self.ckpt = load_checkpoint(self.path, kind)
+        choice: str | None = "shipped" if tables is None else tables
+        super().__init__(NumpyScorer(load_scorer_net(self.ckpt, str(self.path))),
+                         None if str(choice).lower() == "none" else choice)  # fmt: skip
         self.needs = [str(n) for n in self.ckpt.config.get("needs", [])]
         unknown = sorted(set(self.needs) - set(SIGNALS))
         if unknown:
@@ -185,6 +177,26 @@ class ImitationPolicy(ScorerEviction):
                     )
             self._checked = True
         super().observe(event, cache)
+
+
+def load_scorer_net(ckpt: PolicyCheckpoint, where: str) -> SetScorerNet:
+    """The set scorer of an imitation or shape-agnostic ppo checkpoint, refused if its features are not ours."""
+    saved = list(ckpt.config.get("features", []))
+    if saved != list(FEATURES):
+        raise CheckpointError(f"{where}: trained on features {saved}, this moe-env computes {list(FEATURES)}")
+    net = SetScorerNet(NUM_FEATURES, int(ckpt.config.get("hidden", 32)))
+    load_weights(net, ckpt, where)
+    return net.eval()
+
+
+class ImitationPolicy(CheckpointScorerEviction):
+    """``--policy imitation[:PATH][,tables=PATH|none]``: the learned eviction scorer; no PATH: the shipped one.
+
+    Model tables (a training split's statistics) are the shipped ones of the model's shape unless ``tables`` is
+    given (``none``: start the online statistics empty)."""
+
+    def __init__(self, path: str | os.PathLike | None = None, tables: str | None = None):
+        super().__init__(Path(path) if path else shipped_imitation_path(), KIND, tables)
 
 
 # signal -> is it present on a decode event; a checkpoint "needs" a signal that was never missing in training

@@ -26,15 +26,14 @@ from moe_env.agents.candidate_features import FEATURES, NUM_FEATURES
 from moe_env.agents.checkpoint import (
     PolicyCheckpoint,
     load_checkpoint,
-    load_weights,
     save_checkpoint,
     spec_dict,
 )
-from moe_env.agents.imitation import SIGNALS, ScorerEviction
+from moe_env.agents.imitation import CheckpointScorerEviction
 from moe_env.agents.learned import LearnedPolicy, check_obs_size
 from moe_env.agents.predictor import copy_ratio
 from moe_env.agents.prior import ScorePrior
-from moe_env.agents.set_scorer import NumpyScorer, SetScorerNet
+from moe_env.agents.set_scorer import SetScorerNet
 from stable_baselines3.common.policies import ActorCriticPolicy
 
 from moe_env.env import MoEOffloadEnv
@@ -206,16 +205,7 @@ def save_eviction_ppo(net: SetScorerNet, described: dict[str, Any], path: str | 
     return save_checkpoint(PolicyCheckpoint(KIND, model, 0, NUM_FEATURES, config, net.state_dict()), path)
 
 
-def load_eviction_net(ckpt: PolicyCheckpoint, where: str) -> SetScorerNet:
-    saved = list(ckpt.config.get("features", []))
-    if saved != list(FEATURES):
-        raise CheckpointError(f"{where}: trained on features {saved}, this moe-env computes {list(FEATURES)}")
-    net = SetScorerNet(NUM_FEATURES, int(ckpt.config.get("hidden", 32)))
-    load_weights(net, ckpt, where)
-    return net.eval()
-
-
-class PPOPolicy(ScorerEviction):
+class PPOPolicy(CheckpointScorerEviction):
     """``--policy ppo[:PATH][,tables=PATH|none]``: the PPO-trained eviction scorer (no PATH: the shipped one, any
     shape). Model tables as the imitation plug-in's: the shipped ones of the model's shape unless given. A residual
     PPO checkpoint builds a ResidualPPOPolicy (its ``copy_ratio`` argument is accepted there only)."""
@@ -226,27 +216,4 @@ class PPOPolicy(ScorerEviction):
         return super().__new__(cls)
 
     def __init__(self, path: str | os.PathLike | None = None, tables: str | None = None):
-        self.path = Path(path) if path else shipped_ppo_path()
-        self.ckpt = load_checkpoint(self.path, KIND)
-        net = load_eviction_net(self.ckpt, str(self.path))
-        choice: str | None = "shipped" if tables is None else tables
-        super().__init__(NumpyScorer(net), None if str(choice).lower() == "none" else choice)
-        self.needs = [str(n) for n in self.ckpt.config.get("needs", [])]
-        unknown = sorted(set(self.needs) - set(SIGNALS))
-        if unknown:
-            raise CheckpointError(f"{self.path}: needs unknown signals {unknown} (known: {', '.join(SIGNALS)})")
-        self._checked = False
-
-    def begin_sequence(self, cache: CacheView) -> None:
-        super().begin_sequence(cache)
-        self._checked = not self.needs
-
-    def observe(self, event: RouteEvent, cache: CacheView) -> None:
-        if not self._checked and not event.prefill:
-            for name in self.needs:
-                if not SIGNALS[name](event):
-                    raise CheckpointError(
-                        f"{self.path}: this policy needs the {name}, which this trace lacks; use another policy"
-                    )
-            self._checked = True
-        super().observe(event, cache)
+        super().__init__(Path(path) if path else shipped_ppo_path(), KIND, tables)

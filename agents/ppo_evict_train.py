@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from moe_env.agents.checkpoint import load_checkpoint
 from moe_env.agents.eviction_env import REWARDS, EvictionDecisionEnv, default_capacities
-from moe_env.agents.imitation import shipped_imitation_path
-from moe_env.agents.ppo import KIND, PPOPolicy, load_eviction_net, save_eviction_ppo
+from moe_env.agents.imitation import load_scorer_net, shipped_imitation_path
+from moe_env.agents.ppo import KIND, PPOPolicy, save_eviction_ppo
 from moe_env.agents.ppo_scorer import SetScorerPolicy
 from moe_env.agents.ppo_train import EvalCallback, make_vec_env, resume_checkpoint, save_model
 from moe_env.agents.set_scorer import SetScorerNet
@@ -94,7 +94,7 @@ def start_checkpoint(config: EvictionPPOConfig) -> tuple[Path, SetScorerNet, lis
         ckpt = load_checkpoint(path, KIND)  # an eviction PPO continues from its own weights
         if ckpt.config.get("decision") != MODE:
             raise UsageError(f"--start {path}: a residual PPO checkpoint cannot start the eviction PPO") from None
-    net = load_eviction_net(ckpt, str(path))
+    net = load_scorer_net(ckpt, str(path))
     return path, net, [str(n) for n in ckpt.config.get("needs", [])]
 
 

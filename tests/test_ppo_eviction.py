@@ -15,8 +15,8 @@ import torch
 from gymnasium.utils.env_checker import check_env
 from moe_env.agents.checkpoint import load_checkpoint
 from moe_env.agents.eviction_env import ENV_ID, EvictionDecisionEnv
-from moe_env.agents.imitation import ImitationPolicy, shipped_imitation_path
-from moe_env.agents.ppo import PPOPolicy, ResidualPPOPolicy, load_eviction_net, save_eviction_ppo, shipped_ppo_path
+from moe_env.agents.imitation import ImitationPolicy, load_scorer_net, shipped_imitation_path
+from moe_env.agents.ppo import PPOPolicy, ResidualPPOPolicy, save_eviction_ppo, shipped_ppo_path
 from moe_env.agents.ppo_scorer import SetScorerPolicy
 from moe_env.agents.set_scorer import NumpyScorer
 from stable_baselines3 import PPO
@@ -115,7 +115,7 @@ def test_env_refuses_actions_outside_its_space(trace):
 
 
 def _untrained_ppo(env: EvictionDecisionEnv) -> PPO:
-    net = load_eviction_net(load_checkpoint(shipped_imitation_path(), "imitation"), "imitation")
+    net = load_scorer_net(load_checkpoint(shipped_imitation_path(), "imitation"), "imitation")
     model = PPO(SetScorerPolicy, env, n_steps=64, batch_size=32, device="cpu", policy_kwargs={"hidden": 32}, seed=0)
     model.policy.scorer.load_state_dict(net.state_dict())
     return model

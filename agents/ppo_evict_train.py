@@ -26,10 +26,10 @@ from moe_env.agents.eviction_env import REWARDS, EvictionDecisionEnv, default_ca
 from moe_env.agents.imitation import load_scorer_net, shipped_imitation_path
 from moe_env.agents.ppo import KIND, PPOPolicy, save_eviction_ppo
 from moe_env.agents.ppo_scorer import SetScorerPolicy
-from moe_env.agents.ppo_train import EvalCallback, make_vec_env, resume_checkpoint, save_model
+from moe_env.agents.ppo_train import EvalCallback, learn_keeping_checkpoints, make_vec_env, resume_checkpoint
 from moe_env.agents.set_scorer import SetScorerNet
 from stable_baselines3 import PPO
-from stable_baselines3.common.callbacks import BaseCallback, CallbackList
+from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.monitor import Monitor
 from tqdm import tqdm
 
@@ -185,19 +185,6 @@ def train_eviction_ppo(config: EvictionPPOConfig, train_trace: Trace, validation
         return {"hit_rate": hit, "stall_s_per_token": stall, "gap_captured": gap}
 
     callback = EvalCallback(run_dir, evaluate, save_policy, config.eval_every, config.total_timesteps, log)
-    remaining = config.total_timesteps - model.num_timesteps
-    try:
-        if remaining > 0:
-            callbacks = CallbackList([callback, ProgressBar(config.total_timesteps)])
-            model.learn(remaining, callback=callbacks, reset_num_timesteps=not resume, tb_log_name="ppo")
-            callback.checkpoint()
-        else:
-            log(f"{run_dir} already holds {model.num_timesteps} timesteps: nothing to train")
-    except KeyboardInterrupt:
-        save_model(model, run_dir)
-        save_policy(run_dir / "latest-policy.pt")
-        log(f"interrupted at {model.num_timesteps} timesteps: checkpoint saved, continue with --resume")
-        raise
-    finally:
-        venv.close()
-    return run_dir / "best-policy.pt"
+    progress = [ProgressBar(config.total_timesteps)]
+    return learn_keeping_checkpoints(model, venv, config.total_timesteps, callback, progress, resume, run_dir,
+                                     save_policy, log)  # fmt: skip

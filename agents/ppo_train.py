@@ -26,7 +26,7 @@ from moe_env.agents.ppo import PPOConfig, ResidualActionWrapper, ResidualPPOPoli
 from moe_env.agents.predictor import PredictorPolicy, copy_ratio
 from moe_env.agents.prior import ScorePrior
 from stable_baselines3 import PPO
-from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.callbacks import BaseCallback, CallbackList
 from stable_baselines3.common.monitor import Monitor
 from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv
 
@@ -250,10 +250,20 @@ def train_ppo(config: PPOConfig, train_trace: Trace, validation: Trace, run_dir:
         return {"hit_rate": result.hit_rate, "stall_s_per_token": result.stall_s_per_token, "gap_captured": gap}
 
     callback = EvalCallback(run_dir, evaluate, save_policy, config.eval_every, config.total_timesteps, log, on_eval)
-    remaining = config.total_timesteps - model.num_timesteps
+    return learn_keeping_checkpoints(model, venv, config.total_timesteps, callback, [], resume, run_dir, save_policy,
+                                     log)  # fmt: skip
+
+
+def learn_keeping_checkpoints(model: PPO, venv: VecEnv, total_timesteps: int, callback: EvalCallback,
+                              extra_callbacks: list[BaseCallback], resume: bool, run_dir: Path,
+                              save_policy: Callable[[Path], None], log: Callable[[str], None]) -> Path:  # fmt: skip
+    """Train up to `total_timesteps`; an interrupt saves the model and the policy before it propagates, so a stopped
+    run keeps its last checkpoint. Returns the best policy's path."""
+    remaining = total_timesteps - model.num_timesteps
     try:
         if remaining > 0:
-            model.learn(remaining, callback=callback, reset_num_timesteps=not resume, tb_log_name="ppo")
+            callbacks = CallbackList([callback, *extra_callbacks]) if extra_callbacks else callback
+            model.learn(remaining, callback=callbacks, reset_num_timesteps=not resume, tb_log_name="ppo")
             callback.checkpoint()
         else:
             log(f"{run_dir} already holds {model.num_timesteps} timesteps: nothing to train")

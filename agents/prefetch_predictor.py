@@ -70,15 +70,6 @@ class SetPredictorConfig:
     calibrate_capacity: int | None = None  # None: a quarter of the experts (at least top-k + 1)
     seed: int = 0
 
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> SetPredictorConfig:
-        unknown = sorted(set(values) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise UsageError(f"unknown predictor config keys: {', '.join(unknown)}")
-        config = cls(**values)
-        config.check()
-        return config
-
     def check(self) -> None:
         for name in (
             "hidden",

@@ -2,7 +2,10 @@
 
 The reference is the least a simulator must do: a minimal pure-Python per-layer LRU over the same decode
 accesses (no timing, no counters beyond hits). Medians over --repeat runs of CPU time, one core, side by side.
-Policies are built once per row (the plug-in registry lookup, ~2 ms per spec, is printed apart).
+Policies are built once per row (the plug-in registry lookup, ~2 ms per spec, is printed apart). The fast
+kernels are compiled by numba on first use: the compile time (from scratch, in a subprocess with an empty
+NUMBA_CACHE_DIR) and this process's first fast call (the cached machine code loaded) are printed apart and never
+counted in a rate (each rate is the median of --repeat runs after that first call).
 
     nice -n 10 .venv/bin/python bench/sim_speed.py [--trace SPEC] [--slots 4] [--repeat 5] [--learned-trace SPEC]
 
@@ -14,7 +17,11 @@ policies on --learned-trace (flat-predictor needs tiny-mixtral's shape), each ta
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -69,6 +76,7 @@ def main() -> None:
     parser.add_argument("--profile", default="consumer-pcie4")
     parser.add_argument("--learned-trace", default="builtin:tiny-mixtral/eval", help="trace for the learned rows")
     args = parser.parse_args()
+    jit_compile_time()
     table(load_trace(args.trace), args.trace, args.slots, args.repeat, args.profile, RUNS)
     print()
     table(load_trace(args.learned_trace), args.learned_trace, args.slots, args.repeat, args.profile,
@@ -87,6 +95,8 @@ def table(trace: Trace, label: str, slots: int, repeat: int, profile: str, runs:
     lookup = statistics.median(_time(lambda: build_policy("lru")) for _ in range(repeat))
     print(f"(plug-in registry lookup per policy spec: {1e3 * lookup:.1f} ms, not included below)")
     cost = cost_model_for(trace.meta, profile)
+    first = _time(lambda: simulate(trace, build_policy("lru"), slots, cost))  # JIT load (or compile): not a rate
+    print(f"(first fast call in this process, JIT load included: {first:.2f} s, not included below)")
     for policy, prefetch in runs:
         for fast in (True, False):
             if fast and (prefetch or policy not in FAST):
@@ -95,6 +105,30 @@ def table(trace: Trace, label: str, slots: int, repeat: int, profile: str, runs:
             rate = median_rate(lambda b=built, q=fast: simulate(trace, b, slots, cost, fast=q), accesses, repeat)
             path = "fast" if fast else "general"
             print(f"{policy:<22}{prefetch or 'none':<11}{path:<9}{rate:>12,.0f}{rate / reference:>14.3f}", flush=True)
+
+
+JIT_PROBE = """
+import time
+from moe_env.sim import simulate
+from moe_env.trace import load_trace
+trace = load_trace("builtin:tiny-mixtral/eval")
+start, cpu = time.perf_counter(), time.process_time()
+for policy in ("lru", "lfu", "fifo", "belady"):  # one compiled kernel for all four; timing pass alike
+    simulate(trace, policy, 4)
+print(time.perf_counter() - start, time.process_time() - cpu)
+"""
+
+
+def jit_compile_time() -> None:
+    """The fast kernels' first call in a fresh process: with an empty numba cache (compiled from scratch, what a
+    clean checkout pays once) and with the cache that run left (loaded)."""
+    with tempfile.TemporaryDirectory() as cache:
+        env = os.environ | {"NUMBA_CACHE_DIR": cache}
+        for label in ("compile from scratch", "load from cache"):
+            out = subprocess.run([sys.executable, "-c", JIT_PROBE], env=env, check=True, capture_output=True, text=True)
+            wall, cpu = (float(x) for x in out.stdout.split())
+            print(f"fast kernels' first call in a fresh process, {label}: {wall:.2f} s wall, {cpu:.2f} s CPU")
+    print()
 
 
 def _time(fn) -> float:

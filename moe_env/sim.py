@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 
 import numpy as np
 
+from moe_env import sim_kernels
 from moe_env.allocation import Allocation
 from moe_env.cache import FIRST_TOKENS, Counters, ExpertCacheState, Plan
 from moe_env.costmodel import (
@@ -37,7 +38,6 @@ from moe_env.costmodel import (
 from moe_env.errors import UsageError
 from moe_env.policy import ModelSpec, Policy, build_policy
 from moe_env.routing import LayerRouting, PrefillLayout, route_events
-from moe_env.sim_kernels import KERNELS, SHARED_KERNELS, Events, Segment, layer_events, stream_events
 from moe_env.trace import SequenceTrace, Trace, TraceMeta
 
 
@@ -499,7 +499,7 @@ def replay(
     policy: ``simulate`` is one call over everything; moe_env.sweep merges cold shards of it."""
     chosen = trace.sequences if sequences is None else [trace.sequences[i] for i in sequences]
     kernel = type(policy).__dict__.get("replay_kernel")  # declared by the class itself, never inherited
-    if fast and kernel in KERNELS and prefill == "chunked":
+    if fast and kernel in sim_kernels.KINDS and prefill == "chunked":
         return _fast_replay(trace.meta, chosen, policy, kernel, capacity, cost, warm)
     replayer = Replayer(trace.meta, policy, capacity, cost, prefill=prefill, warm=warm)
     if warm:
@@ -509,21 +509,6 @@ def replay(
         for routing in sequence.routings():
             replayer.process(routing)
     return replayer.tally()
-
-
-def event_time(hits: Sequence[int], copy_s: float, expert_s: float) -> tuple[float, float]:
-    """(stall, duration) of one event when the link is idle as it starts: the Replayer's timing, demand-only."""
-    t = stall = 0.0
-    loads = 0
-    for hit in hits:
-        if not hit:
-            loads += 1
-            landed = loads * copy_s
-            if landed > t:
-                stall += landed - t
-                t = landed
-        t += expert_s
-    return stall, t
 
 
 def _fast_replay(
@@ -541,87 +526,32 @@ def _fast_replay(
         raise UsageError(
             f"policy {policy.name!r} does not rank victims across layers: use allocation uniform or profile"
         )
-    k, copy_s, expert_s, layer_s = meta.top_k, cost.copy_s, cost.expert_compute_s, cost.layer_compute_s
-    weights = 1 << np.arange(k)
-    patterns = [event_time([(code >> j) & 1 for j in range(k)], copy_s, expert_s) for code in range(1 << k)]
-    pattern_stall, pattern_time = (np.array(x) for x in zip(*patterns, strict=True))
+    # independent caches: one per layer (per-layer pools) or one for all layers (shared); cold: per sequence too
+    build = sim_kernels.stream_events if allocation.shared else sim_kernels.pool_events
+    events = build(sequences, allocation, FIRST_TOKENS, warm)
+    hits, evictions = sim_kernels.replay_hits(kernel_name, events)
+    event_hits, stall, duration = sim_kernels.event_times(events, hits, cost.copy_s, cost.expert_compute_s)
+    sizes = np.diff(events.offsets)
+    decode, prefill = ~events.prefill, events.prefill
     result = SimTally()
     c = result.counters
-    # independent caches: one per layer (per-layer pools) or one for all layers (shared); cold: per sequence too
-    groups = [[seq] for seq in sequences] if not warm else [list(sequences)]
-    for group in groups:
-        tally = _Tally()
-        cells = 0
-        for sequence in group:
-            present = sequence.experts[:, :, 0] >= 0
-            result.decode_tokens += int(present.any(axis=1).sum())
-            cells += int(present.sum())
-        if allocation.shared:
-            events, segments = stream_events(group, allocation, FIRST_TOKENS)
-            flags = bytearray()
-            tally.evictions += SHARED_KERNELS[kernel_name](
-                events, allocation.total_slots, meta.num_layers * meta.num_experts, flags
-            )
-            tally.add(events, flags, segments, k, copy_s, expert_s)
-        else:
-            for layer in range(meta.num_layers):
-                slots = allocation.layer_slots(layer)
-                events, segments = [], []
-                for seq in group:
-                    prefill, decode = layer_events(seq, layer, slots)
-                    segments.append((len(prefill), len(decode), int((seq.experts[:FIRST_TOKENS, layer, 0] >= 0).sum())))
-                    events += prefill + decode
-                flags = bytearray()
-                tally.evictions += KERNELS[kernel_name](events, slots, meta.num_experts, flags)
-                tally.add(events, flags, segments, k, copy_s, expert_s)
-        decode_flags = np.frombuffer(bytes(tally.decode_flags), dtype=np.uint8).reshape(-1, k)
-        counts = np.bincount(decode_flags @ weights, minlength=1 << k)
-        hits = int(decode_flags.sum())
-        c.hits += hits
-        c.misses += decode_flags.size - hits
-        c.prefill_hits += tally.prefill_hits
-        c.prefill_misses += tally.prefill_misses
-        c.first_hits += tally.first_hits
-        c.first_misses += tally.first_misses
-        c.evictions += tally.evictions
-        result.add_sequence(float(counts @ pattern_stall), tally.prefill_stall,
-                            float(counts @ pattern_time) + cells * layer_s)  # fmt: skip
+    c.hits = int(event_hits[decode].sum())
+    c.misses = int(sizes[decode].sum()) - c.hits
+    c.prefill_hits = int(event_hits[prefill].sum())
+    c.prefill_misses = int(sizes[prefill].sum()) - c.prefill_hits
+    first = events.first
+    c.first_hits = int(event_hits[first].sum())
+    c.first_misses = int(sizes[first].sum()) - c.first_hits
+    c.evictions = evictions
     c.bytes_moved = (c.misses + c.prefill_misses) * cost.expert_bytes
+    for seq in sequences:
+        result.decode_tokens += int((seq.experts[:, :, 0] >= 0).any(axis=1).sum())
+    # per sequence (warm: one stream): sums over its events in segment order, so shards merge bit for bit
+    groups = 1 if warm else len(sequences)
+    owner = np.zeros(len(sizes), dtype=np.int64) if warm else events.sequence
+    decode_stall = np.bincount(owner[decode], weights=stall[decode], minlength=groups)
+    prefill_stall = np.bincount(owner[prefill], weights=stall[prefill], minlength=groups)
+    decode_time = np.bincount(owner[decode], weights=duration[decode] + cost.layer_compute_s, minlength=groups)
+    for group in range(groups):
+        result.add_sequence(float(decode_stall[group]), float(prefill_stall[group]), float(decode_time[group]))
     return result
-
-
-class _Tally:
-    """Hit flags of a fast replay, split into prefill (timed one event at a time) and decode (by pattern)."""
-
-    def __init__(self) -> None:
-        self.decode_flags = bytearray()
-        self.prefill_hits = self.prefill_misses = self.first_hits = self.first_misses = self.evictions = 0
-        self.prefill_stall = 0.0
-
-    def _prefill(self, event_flags: bytes | bytearray, copy_s: float, expert_s: float) -> None:
-        self.prefill_stall += event_time(event_flags, copy_s, expert_s)[0]
-        hit = sum(event_flags)
-        self.prefill_hits += hit
-        self.prefill_misses += len(event_flags) - hit
-
-    def _first(self, event_flags: bytes | bytearray) -> None:
-        hit = sum(event_flags)
-        self.first_hits += hit
-        self.first_misses += len(event_flags) - hit
-
-    def add(self, events: Events, flags: bytearray, segments: list[Segment], k: int, copy_s: float, expert_s: float):
-        """Flags of `events`: per sequence, its prefill events, then its decode events (k accesses each)."""
-        at = index = 0
-        for n_prefill, n_decode, n_first in segments:
-            for event in events[index : index + n_prefill]:
-                event_flags = flags[at : at + len(event)]
-                self.prefill_stall += event_time(event_flags, copy_s, expert_s)[0]
-                self.prefill_hits += sum(event_flags)
-                self.prefill_misses += len(event) - sum(event_flags)
-                at += len(event)
-            index += n_prefill + n_decode
-            first = flags[at : at + n_first * k]
-            self.first_hits += sum(first)
-            self.first_misses += len(first) - sum(first)
-            self.decode_flags += flags[at : at + n_decode * k]
-            at += n_decode * k

@@ -5,7 +5,8 @@ per (MoE layer, token), the experts as a Python-style list ``"[8, 26, 56, 57, 60
 sequence whose tokens are known: step t consumes token t, so ``output_ids`` has one id per step. Token ids index
 ``meta.extra["vocab"]``, the sorted distinct token strings of the import (moe_env.token_vocab translates ids
 between traces). The sorted layer ids map to 0..L-1 (the dense layer 0 of DeepSeek-V2 is not logged: ids 1..26).
-No weights and no logits: they stay None. Files are parsed with pyarrow's CSV reader.
+No weights and no logits: they stay None. Files are parsed with pyarrow's CSV reader, the expert lists by a
+compiled pass over their bytes (moe_env.parse_jit).
 """
 
 from __future__ import annotations
@@ -114,8 +115,9 @@ def import_csv_routing(path: str | os.PathLike, model_name: str | None = None, n
     rank[order] = np.arange(len(order), dtype=np.int32)
     token_ids = rank[tokens.indices.to_numpy()]
     layers = rows.column(COLUMNS[0]).to_numpy()
-    sequences, layer_ids = [], None
-    for i, file in enumerate(files):
+    grouped = _grouped_sequences(files, rows.bounds, layers, experts, token_ids)
+    sequences, layer_ids = grouped if grouped is not None else ([], None)
+    for i, file in enumerate(files if grouped is None else ()):  # per file: names the first file that is off
         lo, hi = rows.bounds[i], rows.bounds[i + 1]
         ids, seq = _sequence(file, layers[lo:hi], experts[lo:hi], token_ids[lo:hi])
         if layer_ids is None:
@@ -160,6 +162,45 @@ def _read_table(path: Path) -> pa.Table:
     return table
 
 
+def _grouped_sequences(
+    files: list[Path], bounds: np.ndarray, layers: np.ndarray, experts: np.ndarray, token_ids: np.ndarray
+) -> tuple[list[SequenceTrace], tuple[int, ...]] | None:
+    """Every file's sequence at once when the logs are as written (each file's rows grouped by ascending layer,
+    the same layers and token count in every layer, the same tokens in every layer); None when anything differs,
+    and the per-file path (``_sequence``) then reorders the file or names what is wrong with it."""
+    if len(layers) == 0 or layers.min() < 0:
+        return None
+    starts = bounds[:-1]
+    new_group = np.ones(len(layers), dtype=bool)
+    new_group[1:] = layers[1:] != layers[:-1]
+    new_group[starts] = True  # a file starts a group
+    descending = np.zeros(len(layers), dtype=bool)
+    descending[1:] = layers[1:] < layers[:-1]
+    descending[starts] = False
+    if descending.any():
+        return None
+    group_start = np.flatnonzero(new_group)
+    groups_per_file = np.diff(np.searchsorted(group_start, bounds))
+    num_layers = int(groups_per_file[0])
+    if (groups_per_file != num_layers).any():
+        return None
+    layer_ids = layers[group_start].reshape(len(files), num_layers)
+    steps = (bounds[1:] - starts) // num_layers
+    sizes = np.diff(np.r_[group_start, len(layers)]).reshape(len(files), num_layers)
+    if (layer_ids != layer_ids[0]).any() or (sizes != steps[:, None]).any():
+        return None
+    step = np.arange(len(layers)) - np.repeat(group_start, sizes.reshape(-1))  # each row's token index
+    if (token_ids != token_ids[np.repeat(starts, bounds[1:] - starts) + step]).any():
+        return None  # a token differs between layers
+    sequences = []
+    for i, file in enumerate(files):
+        lo, hi, t = bounds[i], bounds[i + 1], int(steps[i])
+        grid = experts[lo:hi].reshape(num_layers, t, -1).transpose(1, 0, 2)
+        sequences.append(SequenceTrace(experts=np.ascontiguousarray(grid), output_ids=token_ids[lo : lo + t].copy(),
+                                       prompt_id=prompt_id_of(file)))  # fmt: skip
+    return sequences, tuple(int(i) for i in layer_ids[0])
+
+
 def _sequence(
     file: Path, layers: np.ndarray, experts: np.ndarray, token_ids: np.ndarray
 ) -> tuple[tuple[int, ...], SequenceTrace]:
@@ -186,66 +227,32 @@ def _sequence(
 
 
 def _refuse_repeats(experts: np.ndarray, where) -> None:
-    ordered = np.sort(experts, axis=1)
-    repeated = np.flatnonzero((ordered[:, 1:] == ordered[:, :-1]).any(axis=1))
-    if repeated.size:
-        row = int(repeated[0])
+    from moe_env.parse_jit import first_repeat
+
+    row = int(first_repeat(experts))
+    if row >= 0:
         raise TraceFormatError(f"{where(row)}: experts {experts[row].tolist()} repeat an expert")
-
-
-# which pairs of neighbouring bytes the grammar of an expert list ``[8, 26, 56]`` allows; index: first byte +
-# 256 x second (a little-endian uint16 view of the text)
-_DIGITS = list(range(ord("0"), ord("9") + 1))
-_ALLOWED_PAIRS = np.zeros(65536, dtype=bool)
-for _first, _second in [(ord("["), d) for d in _DIGITS] + [(d, e) for d in _DIGITS for e in _DIGITS] + [
-    (d, ord(c)) for d in _DIGITS for c in ",]"] + [(ord(","), ord(" ")), (ord("]"), ord("["))] + [
-    (ord(c), d) for d in _DIGITS for c in ", "]:  # fmt: skip
-    _ALLOWED_PAIRS[_first + 256 * _second] = True
-_TO_SPACES = bytes.maketrans(b"[],", b"   ")
-_INT_LIST = re.compile(r"\[\d+(, ?\d+)*\]")
 
 
 def parse_int_lists(strings: pa.Array, where) -> np.ndarray:
     """Strings like ``"[8, 26, 56]"`` (one list a row, the same length in every row) -> int64 array [rows, k].
 
-    The rows' bytes are contiguous in the Arrow buffer, so the column is checked and parsed as one byte string:
-    every pair of neighbouring bytes must be one that the grammar ``[D, D, ..., D]`` allows (D: digits; a comma,
-    then at most one space, between them; ``][`` between rows), with a bracket exactly at each row's ends and
-    the same number of commas in every row; then brackets and commas become spaces and numpy reads the integers
-    (``np.fromstring``, C speed). A malformed row names ``where(row)``."""
+    The rows' bytes are contiguous in the Arrow buffer, so the column is checked and parsed in one compiled pass
+    over them (moe_env.parse_jit.int_lists: the grammar ``[D, D, ..., D]``, D digits, a comma and at most one
+    space between them, and the first row's count in every row). A malformed row names ``where(row)``."""
+    from moe_env.parse_jit import int_lists  # numba: imported on the first CSV import only
+
     rows = len(strings)
     strings = strings.cast(pa.large_string()) if strings.type != pa.large_string() else strings
+    if strings.null_count:
+        _malformed(strings, int(np.flatnonzero(strings.is_null().to_numpy(zero_copy_only=False))[0]), where)
     _, offsets_buf, data_buf = strings.buffers()
     offsets = np.frombuffer(offsets_buf, dtype=np.int64)[strings.offset : strings.offset + rows + 1]
-    if strings.null_count or (np.diff(offsets) < 3).any():
-        _first_malformed(strings, 0, where)
-    raw = memoryview(data_buf)[offsets[0] : offsets[-1]].tobytes()
-    text = np.frombuffer(raw, dtype=np.uint8)
-    starts, ends = offsets[:-1] - offsets[0], offsets[1:] - offsets[0] - 1  # each row's first and last byte
-    for shift in (0, 1):  # the pairs (0, 1), (2, 3), ... then (1, 2), (3, 4), ...
-        pairs = np.frombuffer(raw, dtype="<u2", offset=shift, count=(len(raw) - shift) // 2)
-        allowed = _ALLOWED_PAIRS[pairs]
-        if not allowed.all():
-            _first_malformed(strings, int(np.searchsorted(starts, 2 * np.argmin(allowed) + shift, "right")) - 2, where)
-    for bracket, at in ((ord("["), starts), (ord("]"), ends)):
-        if not (text[at] == bracket).all() or np.count_nonzero(text == bracket) != rows:
-            _first_malformed(strings, int(np.argmin(text[at] == bracket)) - 1, where)
-    commas = np.diff(np.searchsorted(np.flatnonzero(text == ord(",")), np.r_[starts, len(text)]))
-    if (commas != commas[0]).any():
-        _malformed(strings, int(np.argmax(commas != commas[0])), where)
-    values = np.fromstring(raw.translate(_TO_SPACES), dtype=np.int64, sep=" ")
-    if len(values) != rows * (int(commas[0]) + 1):
-        raise AssertionError("expert lists checked but not read whole")  # the grammar check let a bad row by
-    return values.reshape(rows, int(commas[0]) + 1)
-
-
-def _first_malformed(strings: pa.Array, suspect: int, where) -> None:
-    """The vectorised check found a bad byte near row `suspect`: name the first row that is not a list."""
-    for row in range(max(0, suspect), len(strings)):
-        text = strings[row].as_py()
-        if text is None or _INT_LIST.fullmatch(text) is None:
-            _malformed(strings, row, where)
-    raise AssertionError("a malformed expert list was detected but not found")  # the two checks disagree: a bug
+    data = np.frombuffer(data_buf, dtype=np.uint8) if data_buf is not None else np.zeros(0, dtype=np.uint8)
+    values, k, bad = int_lists(data, offsets)
+    if bad >= 0:
+        _malformed(strings, int(bad), where)
+    return values.reshape(rows, int(k))
 
 
 def _malformed(strings: pa.Array, row: int, where) -> None:

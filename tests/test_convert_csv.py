@@ -268,3 +268,42 @@ def test_expert_lists_parse_as_the_grammar_says(rows, spaced, damage) -> None:
     else:
         with pytest.raises(TraceFormatError, match=rf"^row {expected}: expert ids"):
             parse_int_lists(pa.array(texts), lambda r: f"row {r}")
+
+
+def _per_file(monkeypatch, path: Path, name: str | None = None):
+    """The import through the per-file assembly only (the path the grouped one must equal bit for bit)."""
+    import moe_env.trace_csv as trace_csv
+
+    with monkeypatch.context() as patch:
+        patch.setattr(trace_csv, "_grouped_sequences", lambda *args: None)
+        return import_csv_routing(path, model_name=name)
+
+
+def _assert_identical(one, other) -> None:
+    assert one.meta == other.meta and len(one.sequences) == len(other.sequences)
+    for a, b in zip(one.sequences, other.sequences, strict=True):
+        assert a.prompt_id == b.prompt_id
+        for name in ("experts", "output_ids"):
+            x, y = getattr(a, name), getattr(b, name)
+            assert x.dtype == y.dtype and x.shape == y.shape and np.array_equal(x, y), name
+
+
+def test_all_files_at_once_equal_file_by_file(csv_dir: Path, monkeypatch, tmp_path: Path) -> None:
+    _assert_identical(import_csv_routing(csv_dir, model_name="toy"), _per_file(monkeypatch, csv_dir, "toy"))
+    if SHARED_DSV2.is_dir():  # real logs: the first 60 prompts
+        sample = tmp_path / "sample"
+        sample.mkdir()
+        for file in sorted(SHARED_DSV2.glob("prompt_*_data.csv"))[:60]:
+            (sample / file.name).write_bytes(file.read_bytes())
+        _assert_identical(import_csv_routing(sample), _per_file(monkeypatch, sample))
+
+
+def test_a_file_whose_rows_are_not_grouped_by_layer_is_reordered(csv_dir: Path, tmp_path: Path) -> None:
+    shuffled = tmp_path / "other" / "logs"  # the same directory name: meta.extra names it
+    shuffled.mkdir(parents=True)
+    for file in csv_dir.iterdir():
+        header, *rows = file.read_text(encoding="utf-8").splitlines()
+        # layer 2's rows first: still one sequence per file, tokens in order within each layer
+        rows = [r for r in rows if r.startswith("2,")] + [r for r in rows if r.startswith("1,")]
+        (shuffled / file.name).write_text("\n".join([header, *rows]) + "\n", encoding="utf-8")
+    _assert_identical(import_csv_routing(shuffled, model_name="toy"), import_csv_routing(csv_dir, model_name="toy"))

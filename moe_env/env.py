@@ -516,8 +516,9 @@ class LiveMoEOffloadEnv(gym.Env):
     point and action semantics are MoEOffloadEnv's. The reward is the cost model's stall for the same plans: a
     lockstep Replayer with an identical ActionPolicy routes the same routings (its counters equal the engine's,
     which the tests check); the engine's own measured metrics (wall-clock stall, tokens/s) arrive in the last
-    ``info`` under ``engine``. Episode: one prompt, ``max_new_tokens`` greedy tokens. ``threads``: torch CPU threads
-    for the decode (process-wide; None leaves torch's setting alone; the commands use moe_env.threads's default).
+    ``info`` under ``engine``. Episode: one prompt, ``max_new_tokens`` greedy tokens (warm: the next prompt of one
+    request stream). ``threads``: torch CPU threads for the decode (process-wide; None leaves torch's setting alone;
+    the commands use moe_env.threads's default).
     """
 
     metadata = {"render_modes": []}  # noqa: RUF012 (gymnasium's convention)

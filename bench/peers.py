@@ -1,7 +1,8 @@
 """moe-env against what users run instead, side by side at equal memory, in one run.
 
-For one model and a list of memory budgets for the experts (bytes, or a share of all expert bytes), the same greedy
-decode of the same prompts under:
+For one model and a list of memory budgets for the experts (``--cache-budget``, the project's syntax: bytes ``6GiB``,
+a fraction of all expert bytes ``0.25``, or total slots ``96``; floored to whole experts), the same greedy decode of
+the same prompts under:
   resident        transformers, every weight in RAM (the upper bound; no budget)
   accelerate      transformers + accelerate offloading: device_map = infer_auto_device_map(max_memory={"cpu":
                   budget + non-expert bytes}), the rest to "disk" with an offload_folder (on CUDA: GPU budget, the
@@ -9,8 +10,9 @@ decode of the same prompts under:
   static          llama.cpp-style static placement: the experts most used in a warm-up decode of a separate
                   calibration prompt pinned in RAM for good, every other routed expert read from the slow tier at
                   each use into one scratch buffer (no cache); pinned + scratch fit the same budget
-  moe-env:P       moe-env's engine with the budget as cache slots per layer, policy P (lru, lfu-decay, with
-                  lookahead prefetch, and ppo / flat-predictor when their plug-in loads a checkpoint for this model);
+  moe-env:P       moe-env's engine with the budget as its cache (laid out by --allocation), policy P (lru,
+                  lfu-decay, with lookahead prefetch, and ppo / flat-predictor when their plug-in loads a checkpoint
+                  for this model);
                   P@warm keeps the cache across requests (the warm-up decode included: a serving process),
                   P@bypass computes a prefill whose experts exceed a layer's slots from copies not installed
 Each configuration runs in a fresh subprocess (its own resident-set high-water mark), loads, warms up, then decodes
@@ -22,7 +24,8 @@ bytes read from the slow tier per run, whether the tokens equal the resident mod
 
     .venv/bin/python bench/peers.py --quick                       # < 1 min: a small random OLMoE, one budget
     .venv/bin/python bench/peers.py --model olmoe-shapes           # real OLMoE-1B-7B layer shapes, 4 layers
-    .venv/bin/python bench/peers.py --model tiny-olmoe --budgets 0.25,0.5 --json
+    .venv/bin/python bench/peers.py --model tiny-olmoe --cache-budget 0.25,0.5 --json
+    .venv/bin/python bench/peers.py --cache-budget 0.25,1GiB,128 --json       # a fraction, bytes, total slots
 """
 
 from __future__ import annotations
@@ -44,7 +47,11 @@ import numpy as np
 import torch
 
 from moe_env import peers
+from moe_env.allocation import BUDGET_SYNTAX_HELP, parse_budget
 from moe_env.costmodel import CostModel, ExpertProfile, HardwareProfile
+from moe_env.engine import EngineConfig, check_cache_options
+from moe_env.error_boundary import run_reporting_errors
+from moe_env.errors import UsageError
 from moe_env.store_cache import cache_root
 
 RESULT_TAG = "PEERS_RESULT "
@@ -57,8 +64,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model", default=peers.OLMOE_SHAPES, help="olmoe-shapes, an embedded model or a local HF dir")
     p.add_argument("--layers", type=int, default=4, help="olmoe-shapes: decoder layers (OLMoE-1B-7B has 16)")
     p.add_argument("--vocab", type=int, default=4096, help="olmoe-shapes: vocabulary size (OLMoE-1B-7B: 50304)")
-    p.add_argument("--budgets", default="0.25,0.5,1.0", help="expert memory budgets: shares of all expert bytes "
-                   "(a number <= 1 with a dot) or bytes (an integer)")  # fmt: skip
+    p.add_argument("--cache-budget", default="0.25,0.5,1.0", help="expert memory budgets, comma-separated, each "
+                   f"{BUDGET_SYNTAX_HELP}; floored to whole experts")  # fmt: skip
+    p.add_argument("--budgets", help=argparse.SUPPRESS)  # retired: its bare integers were bytes, now they are slots
     p.add_argument("--prompts", type=int, default=1)
     p.add_argument("--prompt-len", type=int, default=16, help="prompt tokens (random ids for a random model)")
     p.add_argument("--new-tokens", type=int, default=12)
@@ -68,7 +76,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--policies", default=MOE_POLICIES, help="moe-env policies (EVICT[+PREFETCH][@MODES], MODES: "
                    "warm, bypass or warm-bypass: a cache kept across requests, prefill bypass); learned ones "
                    "(ppo, flat-predictor) are added when their plug-in loads")  # fmt: skip
-    p.add_argument("--allocation", default="uniform", help="moe-env: uniform or shared (the budget in one pool)")
+    p.add_argument("--allocation", default="uniform", help="moe-env: uniform, shared (the budget in one pool) or "
+                   "profile:TRACE")  # fmt: skip
     p.add_argument("--configs", default="", help="comma-separated subset (resident,accelerate,static,moe-env)")
     p.add_argument("--page-cache", choices=("drop", "keep"), default="drop", help="drop: cold slow tier each forward")
     p.add_argument("--cache-dir", default=str(cache_root() / "peers"))  # not a store entry: never pruned
@@ -78,10 +87,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "then includes what earlier configurations left; the default with --quick)")  # fmt: skip
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.worker:
+        return args
+    if args.budgets is not None:
+        raise UsageError(f"--budgets is retired (a bare integer was bytes there); use --cache-budget {args.budgets} "
+                         "with moe-env's budget syntax: 6GiB (bytes), 0.25 (a fraction), 96 (total slots)")  # fmt: skip
+    check_budgets(args.cache_budget)
+    check_cache_options(EngineConfig(allocation=args.allocation))
     if args.quick:
         if args.model == peers.OLMOE_SHAPES:
             args.model = "quick-olmoe"
-        args.budgets = "0.5" if args.budgets == p.get_default("budgets") else args.budgets
+        args.cache_budget = "0.5" if args.cache_budget == p.get_default("cache_budget") else args.cache_budget
         args.prompts, args.new_tokens, args.runs, args.prompt_len = 1, 6, 1, 8
         args.in_process = True
     return args
@@ -133,13 +149,26 @@ def make_prompts(prepared: Path, count: int, length: int) -> tuple[list[list[int
     return ids[:count], ids[count]
 
 
-def parse_budgets(spec: str, expert_total: int) -> list[tuple[str, int]]:
+def check_budgets(spec: str) -> list[str]:
+    """The budgets of --cache-budget, each checked (moe_env.allocation.parse_budget) before any work starts."""
+    items = [s.strip() for s in spec.split(",") if s.strip()]
+    if not items:
+        raise UsageError(f"--cache-budget is empty; give {BUDGET_SYNTAX_HELP.replace('%%', '%')}")
+    for item in items:
+        parse_budget(item)
+    return items
+
+
+def parse_budgets(spec: str, num_layers: int, num_experts: int, expert_bytes: int) -> list[tuple[str, int]]:
+    """(label, total slots) per budget of --cache-budget: whole experts, at most every expert of the model."""
     out = []
-    for item in (s.strip() for s in spec.split(",") if s.strip()):
-        if "." in item and float(item) <= 1.0:
-            out.append((f"{float(item):g}x", int(float(item) * expert_total)))
+    for item in check_budgets(spec):
+        budget = parse_budget(item)
+        if budget.fraction is not None:
+            label = f"{budget.fraction:g}x"
         else:
-            out.append((f"{int(item) / 2**20:.0f}MiB", int(item)))
+            label = item if budget.bytes is not None else f"{item} slots"
+        out.append((label, budget.total_slots(num_layers, num_experts, expert_bytes)))
     return out
 
 
@@ -274,13 +303,11 @@ def _measure(spec: dict, cleanup: list[Path]) -> dict:
         else:
             from moe_env.engine import EngineConfig, OffloadEngine
 
-            policies, _, modes = config.removeprefix("moe-env:").partition("@")
-            policy, _, prefetch = policies.partition("+")
-            modes = set(modes.split("-")) if modes else set()
+            policy, prefetch, modes = moe_env_config(config)
             engine = OffloadEngine.from_model(
                 model,
                 EngineConfig(
-                    cache_slots=spec["slots"], policy=policy, prefetch=prefetch or None, store_dir=str(prepared),
+                    cache_budget=str(spec["total_slots"]), policy=policy, prefetch=prefetch, store_dir=str(prepared),
                     device=str(device), allocation=spec.get("allocation", "uniform"), warm="warm" in modes,
                     prefill="bypass" if "bypass" in modes else "chunked",
                 ),
@@ -336,6 +363,13 @@ def _measure(spec: dict, cleanup: list[Path]) -> dict:
         "hit_rate": _hit_rate(locals().get("results")),
         "extra": extra,
     }
+
+
+def moe_env_config(config: str) -> tuple[str, str | None, set[str]]:
+    """``moe-env:EVICT[+PREFETCH][@MODES]`` -> (eviction, prefetch or None, modes: warm, bypass)."""
+    policies, _, modes = config.removeprefix("moe-env:").partition("@")
+    policy, _, prefetch = policies.partition("+")
+    return policy, prefetch or None, set(modes.split("-")) if modes else set()
 
 
 def _hit_rate(results) -> float | None:
@@ -471,8 +505,9 @@ def forecast(rows: list[dict], calib: dict, shape: dict, trace_path: str | None,
     reaches (a cold pread of one expert into a slot); accelerate loads its offloaded bytes synchronously at every
     forward (no overlap) at bulk-read speed; static placement pays one such read per non-pinned access.
     """
+    from moe_env.allocation import build_allocation
     from moe_env.sim import simulate
-    from moe_env.trace import read_trace_file
+    from moe_env.trace import load_trace, read_trace_file
 
     L, k, E = shape["layers"], shape["top_k"], shape["experts"]
     expert_bytes = shape["expert_bytes"]
@@ -503,9 +538,11 @@ def forecast(rows: list[dict], calib: dict, shape: dict, trace_path: str | None,
             steps = sum(seq.experts.shape[0] for seq in trace.sequences)
             row["forecast_tokens_per_s"] = 1.0 / (token_s + misses / steps * cost.copy_s)
         elif row["config"].startswith("moe-env:") and trace is not None:
-            policy, _, prefetch = row["config"].removeprefix("moe-env:").partition("+")
+            policy, prefetch, modes = moe_env_config(row["config"])
             try:
-                sim = simulate(trace, policy, row["slots"], cost, prefetch or None)
+                layout = build_allocation(row["allocation"], row["total_slots"], L, E, k, load_trace)
+                sim = simulate(trace, policy, layout, cost, prefetch, warm="warm" in modes,
+                               prefill="bypass" if "bypass" in modes else "chunked")  # fmt: skip
                 row["forecast_tokens_per_s"] = sim.tokens_per_s
                 row["forecast_hit_rate"] = sim.hit_rate
             except Exception as exc:  # a learned policy that does not load: no forecast, say why
@@ -534,6 +571,10 @@ def learned_available(spec_shape: dict) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return run_reporting_errors("peers.py", lambda: _main(argv))
+
+
+def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
     if args.worker:
         try:
@@ -580,7 +621,8 @@ def main(argv: list[str] | None = None) -> int:
         out = run_worker({**common, "mode": "measure", "config": config, "budget_bytes": budget, "slots": slots,
                           "calibration": calibration, **spec}, args)  # fmt: skip
         row = {"model": args.model, "config": config, "budget": budget_label, "budget_bytes": budget, "slots": slots,
-               **out, "wall_s": time.perf_counter() - t}  # fmt: skip
+               **{key: value for key, value in spec.items() if key != "trace"}, **out,
+               "wall_s": time.perf_counter() - t}  # fmt: skip
         rows.append(row)
         status = row.get("error") or f"{row['tokens_per_s']:.2f} tok/s"
         print(f"  {config:<28} {budget_label:>8}  {status}  ({row['wall_s']:.0f} s)", file=sys.stderr, flush=True)
@@ -588,8 +630,8 @@ def main(argv: list[str] | None = None) -> int:
 
     resident = add("resident", "all", expert_total, None) if "resident" in wanted else None
     trace_path = None
-    for label, budget in parse_budgets(args.budgets, expert_total):
-        slots = min(E, budget // (L * eb))
+    for label, total in parse_budgets(args.cache_budget, L, E, eb):
+        budget, slots = total * eb, min(E, total // L)  # static placement and the skip rule: slots per layer
         if "accelerate" in wanted:
             add("accelerate", label, budget, None)
         if slots < k:
@@ -602,7 +644,8 @@ def main(argv: list[str] | None = None) -> int:
                 trace = None
                 if trace_path is None and args.device == "cpu":
                     trace = trace_path = str(Path(tempfile.mkdtemp(prefix="peers-trace-")) / "trace.moetrace")
-                row = add(f"moe-env:{policy}", label, budget, slots, trace=trace, allocation=args.allocation)
+                row = add(f"moe-env:{policy}", label, budget, slots, total_slots=total, trace=trace,
+                          allocation=args.allocation)  # fmt: skip
                 if trace and row.get("error"):
                     trace_path = None
 
@@ -631,7 +674,8 @@ def main(argv: list[str] | None = None) -> int:
                 "same_tokens", "speedup_vs_accelerate")  # fmt: skip
         for row in rows:
             out = {key: row.get(key) for key in keys}
-            out.update({key: row[key] for key in ("error", "forecast_tokens_per_s", "hit_rate", "slots") if key in row})
+            extras = ("error", "forecast_tokens_per_s", "hit_rate", "slots", "total_slots", "allocation")
+            out.update({key: row[key] for key in extras if key in row})
             print(json.dumps(out))
     print(f"({time.perf_counter() - wall:.0f} s)")
     bad = [r for r in rows if not r.get("error") and r.get("same_tokens") is False]

@@ -16,6 +16,7 @@ import numpy as np
 from gymnasium import spaces
 
 from moe_env.allocation import Allocation, build_allocation, parse_budget
+from moe_env.cache import Counters
 from moe_env.costmodel import CostModel
 from moe_env.errors import InvalidArgument, UsageError
 from moe_env.policy import CacheView, ModelSpec, Policy, RouteEvent, make_policy
@@ -169,6 +170,12 @@ class ActionPolicy(Policy):
         super().reset(spec, capacity)
         self.fallback.reset(spec, capacity)
         self.scores: list[np.ndarray | None] = [None] * spec.num_layers
+        self._pending_target = -1
+
+    def begin_sequence(self, cache: CacheView) -> None:
+        """Per request (warm too): the last request's scores are stale, so its prefill is the fallback's again."""
+        self.fallback.begin_sequence(cache)
+        self.scores = [None] * self.spec.num_layers
         self._pending_target = -1
 
     def observe(self, event: RouteEvent, cache: CacheView) -> None:
@@ -509,8 +516,9 @@ class LiveMoEOffloadEnv(gym.Env):
     point and action semantics are MoEOffloadEnv's. The reward is the cost model's stall for the same plans: a
     lockstep Replayer with an identical ActionPolicy routes the same routings (its counters equal the engine's,
     which the tests check); the engine's own measured metrics (wall-clock stall, tokens/s) arrive in the last
-    ``info`` under ``engine``. Episode: one prompt, ``max_new_tokens`` greedy tokens. ``threads``: torch CPU threads
-    for the decode (process-wide; None leaves torch's setting alone; the commands use moe_env.threads's default).
+    ``info`` under ``engine``. Episode: one prompt, ``max_new_tokens`` greedy tokens (warm: the next prompt of one
+    request stream). ``threads``: torch CPU threads for the decode (process-wide; None leaves torch's setting alone;
+    the commands use moe_env.threads's default).
     """
 
     metadata = {"render_modes": []}  # noqa: RUF012 (gymnasium's convention)
@@ -528,11 +536,14 @@ class LiveMoEOffloadEnv(gym.Env):
         budget: str | None = None,
         allocation: str = "uniform",
         prefill: str = "chunked",
+        warm: bool = False,
     ):
         """``budget``, ``allocation`` and ``prefill`` as in the engine (``EngineConfig.cache_budget`` etc.:
         ``6GiB``, ``0.25`` or total slots; uniform, shared or profile:TRACE; chunked or bypass); ``capacity``
         (slots per layer) and ``budget`` exclude each other. Checked before the model loads. A shared pool needs
-        a policy that ranks victims across layers, which the agent's per-layer scores do not: refused."""
+        a policy that ranks victims across layers, which the agent's per-layer scores do not: refused.
+        ``warm``: episodes are one request stream (``EngineConfig.warm``, as the replay env's ``warm``): the prompts
+        in order through one cache, the policies' persistent state kept; cold again when the stream wraps around."""
         import queue
 
         from moe_env.engine import EngineConfig, OffloadEngine, check_cache_options, load_model
@@ -549,7 +560,7 @@ class LiveMoEOffloadEnv(gym.Env):
             if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
                 raise InvalidArgument(f"threads must be an integer >= 1 or None, got {threads!r}")
             set_threads(threads)
-        config = EngineConfig(cache_budget=budget, allocation=allocation, prefill=prefill)
+        config = EngineConfig(cache_budget=budget, allocation=allocation, prefill=prefill, warm=bool(warm))
         check_cache_options(config)  # a bad budget, allocation or prefill mode fails before the model loads
         if budget is not None and capacity is not None:
             raise UsageError("give the live env a capacity (slots per layer) or a budget, not both")
@@ -582,7 +593,11 @@ class LiveMoEOffloadEnv(gym.Env):
             spec.name, spec.num_layers, spec.num_experts, spec.top_k, "live", expert_bytes=spec.expert_bytes
         )
         self.cost = cost_model_for(meta, profile)
-        self.shadow = Replayer(meta, ActionPolicy(make_policy(fallback)), self.layout, self.cost, prefill=prefill)
+        self.warm = bool(warm)
+        self.shadow = Replayer(meta, ActionPolicy(make_policy(fallback)), self.layout, self.cost, prefill=prefill,
+                               warm=self.warm)  # fmt: skip
+        self._started = False
+        self.prompt_index = 0
         self.builder = ObservationBuilder(spec, self.capacity)
         self.observation_space = spaces.Box(0.0, 1.0, shape=(self.builder.size,), dtype=np.float32)
         self.action_space = spaces.Box(-1.0, 1.0, shape=(spec.num_experts,), dtype=np.float32)
@@ -653,11 +668,23 @@ class LiveMoEOffloadEnv(gym.Env):
         super().reset(seed=seed)
         self._stop_worker()
         options = options or {}
-        index = int(options.get("prompt", self.np_random.integers(len(self.prompts))))
+        if "prompt" in options:
+            index = int(options["prompt"])
+        elif self.warm:  # a request stream: the next prompt in order
+            index = (self.prompt_index + 1) % len(self.prompts) if self._started else 0
+        else:
+            index = int(self.np_random.integers(len(self.prompts)))
         if not 0 <= index < len(self.prompts):
             raise UsageError(f"prompt {index} outside 0..{len(self.prompts) - 1}")
-        self.shadow = Replayer(self.shadow.meta, self.shadow.policy, self.layout, self.cost, prefill=self.prefill)
+        self.prompt_index = index
+        if not self.warm:
+            self.shadow = Replayer(self.shadow.meta, self.shadow.policy, self.layout, self.cost, prefill=self.prefill)
+        elif index == 0 and self._started:  # the stream wrapped around: start it cold again, engine and replay
+            self.engine.runtime.begin_sequence(warm=False)
+            self.shadow.cache.begin_sequence(warm=False)
+        self._started = True
         self.shadow.begin_sequence()
+        self.shadow.cache.counters = Counters()  # per episode, as the engine counts per generate
         self.builder.reset()
         self._unaccounted, self._stall, self._episode_stall = [], 0.0, 0.0
         self._worker = threading.Thread(target=self._run, args=(self.prompts[index],), daemon=True)

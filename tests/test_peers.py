@@ -42,7 +42,8 @@ def quick_rows(tmp_path_factory):
 
     buffer = io.StringIO()
     with contextlib.redirect_stdout(buffer):
-        code = bench.main(["--quick", "--json", "--cache-dir", str(cache)])
+        # 16 of the quick model's 2 x 16 experts, in the project's budget syntax (total slots): 8 per layer
+        code = bench.main(["--quick", "--json", "--cache-dir", str(cache), "--cache-budget", "16"])
     torch.set_num_threads(threads)
     lines = [line for line in buffer.getvalue().splitlines() if line.startswith("{")]
     return code, [json.loads(line) for line in lines], buffer.getvalue()
@@ -69,6 +70,8 @@ def test_quick_json_rows(quick_rows):
     moe = next(r for r in rows if r["config"] == "moe-env:lru")
     acc = next(r for r in rows if r["config"] == "accelerate")
     assert moe["budget_bytes"] == acc["budget_bytes"]
+    assert (moe["total_slots"], moe["slots"], moe["allocation"]) == (16, 8, "uniform")
+    assert {r["budget_bytes"] for r in rows if r["config"] != "resident"} == {moe["budget_bytes"]}
 
 
 def test_static_placement_matches_eager(tmp_path):

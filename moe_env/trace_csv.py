@@ -35,8 +35,11 @@ _CONVERT = pacsv.ConvertOptions(
     column_types=_COLUMN_TYPES, include_columns=list(COLUMNS), strings_can_be_null=False, null_values=[""]
 )
 _PARSE = pacsv.ParseOptions(newlines_in_values=True)  # a quoted token may hold a raw newline
-_READ = pacsv.ReadOptions(use_threads=False)  # small files: one thread per file, files read in parallel instead
+_READ = pacsv.ReadOptions(use_threads=False)  # one thread per batch of files, batches read in parallel instead
 READ_THREADS = min(8, os.cpu_count() or 1)
+BATCH_BYTES = 4 << 20  # files parsed together in batches of about this size, batches in parallel
+_SENTINEL = b"\x01moe-env: next file\x01"
+_SENTINEL_ROW = b'0,0,"' + _SENTINEL + b'","[0]"\n'
 
 
 def csv_files(path: Path) -> list[Path]:
@@ -64,10 +67,10 @@ def prompt_id_of(path: Path) -> str:
 class _Rows:
     """All files' rows in one table (parsed once, vectorised), and which file each row came from."""
 
-    def __init__(self, files: list[Path], tables: list[pa.Table]):
+    def __init__(self, files: list[Path], tables: list[pa.Table], counts: list[int]):
         self.files = files
-        self.bounds = np.cumsum([0] + [t.num_rows for t in tables])
-        self.table = pa.concat_tables(tables).combine_chunks()
+        self.bounds = np.cumsum([0, *counts])
+        self.table = pa.concat_tables(tables)  # chunks kept: each column is joined once, when it is read
 
     def where(self, row: int) -> str:
         """'FILE:LINE' of a global row (line 1 is the header)."""
@@ -88,12 +91,17 @@ def import_csv_routing(path: str | os.PathLike, model_name: str | None = None, n
     if not path.exists():
         raise TraceFormatError(f"{path}: no such file or directory")
     files = csv_files(path)
+    sizes = {file: file_size(file) for file in files}
+    batches = _batches(files, sizes)
     with byte_progress(files, f"import {path.name}") as advance, ThreadPoolExecutor(READ_THREADS) as pool:
-        tables = []
-        for file, table in zip(files, pool.map(_read_table, files), strict=True):  # pyarrow releases the GIL
-            tables.append(table)
-            advance(file_size(file))
-    rows = _Rows(files, tables)
+        tables, counts = [], []
+        for batch, read in zip(batches, pool.map(_read_batch, batches), strict=True):  # pyarrow releases the GIL
+            if read is None:
+                read = pa.concat_tables(one := [_read_table(file) for file in batch]), [t.num_rows for t in one]
+            tables.append(read[0])
+            counts += read[1]
+            advance(sum(sizes[file] for file in batch))
+    rows = _Rows(files, tables, counts)
     for column in COLUMNS:
         nulls = rows.column(column).is_null().to_numpy(zero_copy_only=False)
         if nulls.any():
@@ -147,6 +155,52 @@ def import_csv_routing(path: str | os.PathLike, model_name: str | None = None, n
 
 def _span(ids: tuple[int, ...]) -> str:
     return f"{ids[0]}..{ids[-1]}" if list(ids) == list(range(ids[0], ids[-1] + 1)) else str(list(ids))
+
+
+def _batches(files: list[Path], sizes: dict[Path, int]) -> list[list[Path]]:
+    """Consecutive files of about BATCH_BYTES together (pyarrow's cost per call is paid once per batch)."""
+    batches: list[list[Path]] = [[]]
+    size = 0
+    for file in files:
+        if batches[-1] and size >= BATCH_BYTES:
+            batches.append([])
+            size = 0
+        batches[-1].append(file)
+        size += sizes[file]
+    return batches
+
+
+def _read_batch(files: list[Path]) -> tuple[pa.Table, list[int]] | None:
+    """The files' rows (one table) and each file's row count from ONE pyarrow parse: the rows concatenated
+    under the first file's header, a sentinel row (token _SENTINEL, found nowhere in the files) after each file's
+    rows, so rows are told apart by file even where a quoted token holds a newline. None when a file is not
+    plain (another header, a header with quotes, no rows, the sentinel's bytes inside, a parse error, a sentinel
+    swallowed by an open quote): the per-file reader (``_read_table``) then reads the batch and names what is
+    wrong."""
+    header, bodies = None, []
+    for file in files:
+        try:
+            data = file.read_bytes()
+        except OSError:
+            return None
+        cut = data.find(b"\n") + 1
+        if cut == 0 or b'"' in data[:cut] or _SENTINEL in data or (header is not None and data[:cut] != header):
+            return None
+        header = header or data[:cut]
+        bodies.append(data[cut:] if data.endswith(b"\n") else data[cut:] + b"\n")
+    if header is None:
+        return None
+    try:
+        table = pacsv.read_csv(pa.BufferReader(header + _SENTINEL_ROW.join(bodies) + _SENTINEL_ROW),
+                               read_options=_READ, parse_options=_PARSE, convert_options=_CONVERT)  # fmt: skip
+    except (pa.ArrowInvalid, pa.ArrowKeyError):
+        return None
+    sentinel = pc.equal(table.column(COLUMNS[2]), _SENTINEL.decode())
+    ends = np.flatnonzero(sentinel.to_numpy(zero_copy_only=False))
+    counts = np.diff(np.r_[-1, ends]) - 1
+    if len(ends) != len(files) or ends[-1] != table.num_rows - 1 or (counts == 0).any():
+        return None
+    return table.filter(pc.invert(sentinel)), counts.tolist()
 
 
 def _read_table(path: Path) -> pa.Table:
@@ -243,11 +297,13 @@ def parse_int_lists(strings: pa.Array, where) -> np.ndarray:
     from moe_env.parse_jit import int_lists  # numba: imported on the first CSV import only
 
     rows = len(strings)
-    strings = strings.cast(pa.large_string()) if strings.type != pa.large_string() else strings
+    if strings.type not in (pa.string(), pa.large_string()):
+        strings = strings.cast(pa.large_string())
     if strings.null_count:
         _malformed(strings, int(np.flatnonzero(strings.is_null().to_numpy(zero_copy_only=False))[0]), where)
     _, offsets_buf, data_buf = strings.buffers()
-    offsets = np.frombuffer(offsets_buf, dtype=np.int64)[strings.offset : strings.offset + rows + 1]
+    width = np.int64 if strings.type == pa.large_string() else np.int32
+    offsets = np.frombuffer(offsets_buf, dtype=width)[strings.offset : strings.offset + rows + 1]
     data = np.frombuffer(data_buf, dtype=np.uint8) if data_buf is not None else np.zeros(0, dtype=np.uint8)
     values, k, bad = int_lists(data, offsets)
     if bad >= 0:

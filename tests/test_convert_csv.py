@@ -307,3 +307,27 @@ def test_a_file_whose_rows_are_not_grouped_by_layer_is_reordered(csv_dir: Path, 
         rows = [r for r in rows if r.startswith("2,")] + [r for r in rows if r.startswith("1,")]
         (shuffled / file.name).write_text("\n".join([header, *rows]) + "\n", encoding="utf-8")
     _assert_identical(import_csv_routing(shuffled, model_name="toy"), import_csv_routing(csv_dir, model_name="toy"))
+
+
+def test_files_parsed_together_split_where_a_quoted_token_holds_a_newline(tmp_path: Path, monkeypatch) -> None:
+    directory = tmp_path / "logs"
+    directory.mkdir()
+    _write_prompt(directory, 1, ["a,\nb", "c"], [[[0, 1], [2, 3]]])  # a raw newline inside a quoted token
+    _write_prompt(directory, 2, ["d"], [[[4, 5]]])
+    _write_prompt(directory, 3, ["e,\n", "\n,f", "g"], [[[6, 7], [1, 0], [3, 2]]])
+    from moe_env.trace_csv import _read_batch, csv_files
+
+    table, counts = _read_batch(csv_files(directory))  # one parse for the three files, not the per-file fallback
+    assert counts == [2, 1, 3] and table.num_rows == 6
+    together = import_csv_routing(directory, model_name="toy")
+    assert [s.num_steps for s in together.sequences] == [2, 1, 3]
+    vocab = together.meta.extra["vocab"]
+    assert [vocab[i] for i in together.sequences[2].output_ids] == ["e,\n", "\n,f", "g"]
+    _assert_identical(together, _per_file(monkeypatch, directory, "toy"))
+
+
+def test_a_bad_file_among_good_ones_is_named(csv_dir: Path, capsys) -> None:
+    (csv_dir / "prompt_5_data.csv").write_text(HEADER + '\n1,0,"open,"[1, 2]"\n', encoding="utf-8")  # open quote
+    assert main(["convert", str(csv_dir), "--out", str(csv_dir.parent / "t.npz"), "--model-name", "toy"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "prompt_5_data.csv" in err and "Traceback" not in err, err

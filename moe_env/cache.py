@@ -32,7 +32,15 @@ import numpy as np
 
 from moe_env.allocation import Allocation
 from moe_env.errors import UsageError
-from moe_env.policy import ModelSpec, OracleUnavailable, Policy, PolicyError, RouteEvent, validate_scores
+from moe_env.policy import (
+    CombinedPolicy,
+    ModelSpec,
+    OracleUnavailable,
+    Policy,
+    PolicyError,
+    RouteEvent,
+    validate_scores,
+)
 
 PREFILL_MODES = ("chunked", "bypass")
 FIRST_TOKENS = 8  # decode steps counted apart after each prefill: how well the decode working set survived it
@@ -231,6 +239,8 @@ class ExpertCacheState:
             self._empty()
             self.policy.reset(self.spec, self.capacity)
         self._started = True
+        # hooks the plug-in leaves at the base class's no-op are not called per event (same decisions, less work)
+        self._observes, self._prefetches = (_overrides(self.policy, hook) for hook in ("observe", "prefetch"))
         self.policy.begin_sequence(self)
 
     def _empty(self) -> None:
@@ -268,54 +278,59 @@ class ExpertCacheState:
     def route(self, event: RouteEvent) -> Plan:
         layer, experts = event.layer, event.experts
         self._check_event(event)
-        self.policy.observe(event, self)
+        if self._observes:
+            self.policy.observe(event, self)
         plan = Plan(event=event)
+        slots, hit, was_in_flight = plan.slots, plan.hit, plan.was_in_flight
         slot_of, pending, unused = self._slot_of[layer], self._pending[layer], self._prefetched_unused[layer]
         last_use, use_count = self._last_use[layer], self._use_count[layer]
         counters = self.counters
         prefill, bypass = event.prefill, event.bypass
-        first = not prefill and event.step < FIRST_TOKENS
+        clock = self._clock
+        hits = misses = 0  # this event's, added to the counters once
         protected: dict[int, set[int]] | None = None
         for expert in experts:
-            self._clock += 1
+            clock += 1
             slot = slot_of[expert]
             if slot >= 0:
-                plan.hit.append(True)
-                plan.was_in_flight.append(expert in pending)
+                hits += 1
+                hit.append(True)
+                was_in_flight.append(expert in pending)
                 if expert in unused:
                     unused.discard(expert)
                     counters.prefetch_used += 1
-                if prefill:
-                    counters.prefill_hits += 1
-                else:
-                    counters.hits += 1
-                    if first:
-                        counters.first_hits += 1
             elif bypass:
-                plan.hit.append(False)
-                plan.was_in_flight.append(False)
+                misses += 1
+                hit.append(False)
+                was_in_flight.append(False)
                 plan.bypass.append(expert)
-                counters.prefill_misses += 1
                 counters.bypass_loads += 1
                 counters.bytes_moved += self.spec.expert_bytes
             else:
+                misses += 1
                 if protected is None:
                     protected = {layer: set(experts)}
+                self._clock = clock  # the victim's scores and the load time see this access's clock
                 slot, evicted, evicted_layer = self._make_room(layer, protected, allow_in_flight=True)
                 plan.loads.append(self._install(layer, expert, slot, evicted, evicted_layer, prefetch=False))
-                plan.hit.append(False)
-                plan.was_in_flight.append(False)
-                if prefill:
-                    counters.prefill_misses += 1
-                else:
-                    counters.misses += 1
-                    if first:
-                        counters.first_misses += 1
-            plan.slots.append(slot)
-            last_use[expert] = self._clock
+                hit.append(False)
+                was_in_flight.append(False)
+            slots.append(slot)
+            last_use[expert] = clock
             use_count[expert] += 1
+        self._clock = clock
+        if prefill:
+            counters.prefill_hits += hits
+            counters.prefill_misses += misses
+        else:
+            counters.hits += hits
+            counters.misses += misses
+            if event.step < FIRST_TOKENS:
+                counters.first_hits += hits
+                counters.first_misses += misses
         pending.clear()  # this layer's prefetches are consumed: the driver has waited for what it used
-        self._issue_prefetches(event, plan)
+        if self._prefetches:
+            self._issue_prefetches(event, plan)
         return plan
 
     def _check_event(self, event: RouteEvent) -> None:
@@ -362,13 +377,16 @@ class ExpertCacheState:
     def _victim_in_layer(self, layer: int, pool: _Pool, protected, allow_in_flight: bool) -> int:
         base = layer * self.spec.num_experts
         pending = self._pending[layer]
-        residents = [key - base for key in pool.key_in]
-        candidates = [e for e in residents if e not in protected and e not in pending]
-        if not candidates and allow_in_flight:
-            candidates = [e for e in residents if e not in protected]
+        if pending:
+            residents = [key - base for key in pool.key_in]
+            candidates = [e for e in residents if e not in protected and e not in pending]
+            if not candidates and allow_in_flight:
+                candidates = [e for e in residents if e not in protected]
+            candidates.sort()
+        else:  # nothing in flight (every demand-only run): one pass
+            candidates = sorted(e for e in (key - base for key in pool.key_in) if e not in protected)
         if not candidates:
             return -1
-        candidates.sort()
         ids = np.asarray(candidates, dtype=np.int64)
         scores = validate_scores(self.policy.eviction_scores(layer, ids, self), len(candidates), self.policy)
         if len(candidates) == 1:  # still asked: stateful policies may track evictions; the answer cannot change
@@ -448,6 +466,13 @@ class ExpertCacheState:
             self._pending[target_layer].add(expert)
             self._prefetched_unused[target_layer].add(expert)
             self.counters.prefetch_issued += 1
+
+
+def _overrides(policy: Policy, hook: str) -> bool:
+    """Whether `policy` (or a part of a CombinedPolicy) replaces Policy's no-op `hook` (observe, prefetch)."""
+    if isinstance(policy, CombinedPolicy):
+        return _overrides(policy.evict, hook) or _overrides(policy.prefetcher, hook)
+    return hook in vars(policy) or getattr(type(policy), hook) is not getattr(Policy, hook)
 
 
 def chunk_experts(experts: list[int] | tuple[int, ...], capacity: int) -> list[tuple[int, ...]]:

@@ -86,6 +86,8 @@ def main() -> None:
 def table(trace: Trace, label: str, slots: int, repeat: int, profile: str, runs: list) -> None:
     """One run: the reference loop and each (policy, prefetch) through the fast and the general path."""
     accesses = trace.num_accesses
+    cost = cost_model_for(trace.meta, profile)
+    first = _time(lambda: simulate(trace, build_policy("lru"), slots, cost))  # JIT load (or compile): not a rate
     if all(s.prefill_experts is None or not len(s.prefill_experts) for s in trace.sequences):
         assert reference_lru(trace, slots) == simulate(trace, "lru", slots, profile).hits  # (it skips prefill)
     reference = median_rate(lambda: reference_lru(trace, slots), accesses, repeat)
@@ -94,8 +96,6 @@ def table(trace: Trace, label: str, slots: int, repeat: int, profile: str, runs:
     print(f"{'reference LRU loop':<42}{reference:>12,.0f}{1.0:>14.3f}")
     lookup = statistics.median(_time(lambda: build_policy("lru")) for _ in range(repeat))
     print(f"(plug-in registry lookup per policy spec: {1e3 * lookup:.1f} ms, not included below)")
-    cost = cost_model_for(trace.meta, profile)
-    first = _time(lambda: simulate(trace, build_policy("lru"), slots, cost))  # JIT load (or compile): not a rate
     print(f"(first fast call in this process, JIT load included: {first:.2f} s, not included below)")
     for policy, prefetch in runs:
         for fast in (True, False):

@@ -30,6 +30,7 @@ from moe_env.trace import (
     load_trace,
     read_trace_file,
     save_trace,
+    validate_trace,
 )
 
 LAYERS, EXPERTS, TOP_K = 3, 8, 2
@@ -266,6 +267,63 @@ def test_partly_absent_cell_is_refused(trace_file: Path, tmp_path: Path) -> None
 
     with pytest.raises(TraceFormatError, match="partly absent"):
         read_trace_file(_rewrite(trace_file, tmp_path / "bad.npz", edit))
+
+
+def _per_sequence_verdict(trace: Trace) -> str | None:
+    """What checking the sequences one by one says (the reference for validate_trace's joined checks)."""
+    for i, seq in enumerate(trace.sequences):
+        try:
+            validate_trace(Trace(trace.meta, [seq]), "trace")
+        except TraceFormatError as error:
+            return str(error).replace("trace: sequence 0", f"trace: sequence {i}", 1)
+    return None
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    which=st.integers(0, 2),
+    step=st.integers(0, 3),
+    layer=st.integers(0, LAYERS - 1),
+    flaw=st.sampled_from(["repeat", "partly absent", "out of range", "absent cell", "negative token", "huge logit"]),
+)
+def test_joined_checks_name_the_same_first_problem_as_one_by_one(which: int, step: int, layer: int, flaw: str) -> None:
+    """validate_trace checks values over every sequence's arrays joined, then falls back to one by one to name
+    the problem: the verdict and the message must be those of checking each sequence alone."""
+    trace = make_trace()
+    seq = trace.sequences[which]
+    experts = seq.experts
+    step = step % len(experts)
+    if flaw == "repeat":
+        experts[step, layer] = experts[step, layer, 0]
+    elif flaw == "partly absent":
+        experts[step, layer, 1] = -1
+    elif flaw == "out of range":
+        experts[step, layer, 0] = EXPERTS
+    elif flaw == "absent cell":  # allowed: the whole cell absent
+        experts[step, layer] = -1
+    elif flaw == "negative token" and seq.output_ids is not None:
+        seq.output_ids[0] = -3
+    elif flaw == "huge logit" and seq.gate_logits is not None:
+        seq.gate_logits[step, layer, 0] = 7e4
+    expected = _per_sequence_verdict(trace)
+    if expected is None:
+        validate_trace(trace)
+    else:
+        with pytest.raises(TraceFormatError) as info:
+            validate_trace(trace)
+        assert str(info.value) == expected
+    assert (expected is None) == (flaw == "absent cell" or (flaw in ("negative token", "huge logit") and which == 2))
+
+
+def test_repeats_are_found_for_wide_top_k() -> None:
+    """Above top-16 the repeat check sorts each cell instead of comparing column pairs: both ways are checked."""
+    for top_k in (6, 20):
+        meta = TraceMeta("wide", 1, 64, top_k, "record")
+        experts = np.tile(np.arange(top_k, dtype=np.int16), (3, 1, 1))
+        validate_trace(Trace(meta, [SequenceTrace(experts=experts.copy())]))
+        experts[2, 0, top_k - 1] = experts[2, 0, 0]
+        with pytest.raises(TraceFormatError, match=r"experts\[2, 0\] routes to expert 0 twice"):
+            validate_trace(Trace(meta, [SequenceTrace(experts=experts)]))
 
 
 def test_missing_member_is_refused(trace_file: Path, tmp_path: Path) -> None:

@@ -52,7 +52,9 @@ from moe_env.errors import CheckpointError, UsageError
 from moe_env.policy import CacheView, ModelSpec, Policy, RouteEvent
 
 KIND = "set-predictor"
-THRESHOLDS = (0.2, 0.35, 0.5, 0.65, 0.8, 0.9)
+THRESHOLDS = (0.2, 0.35, 0.5, 0.65, 0.8, 0.9, 0.95)
+HORIZONS = (1, 2, 3, 4)  # layers ahead the calibration tries
+IN_FLIGHT = (None, 1, 2)  # in-flight budgets it tries (None: no budget)
 
 
 def shipped_predictor_path() -> Path:
@@ -309,32 +311,53 @@ def parse_max_in_flight(value: Any) -> int | None:
     return limit
 
 
-def calibrate(path: Path, validation, capacity: int, profile: str | None, tables: Any = None,
-              log=print) -> tuple[float, float]:  # fmt: skip
-    """The threshold of THRESHOLDS with the lowest stall per token on `validation` (LRU eviction; ties: the higher
-    threshold, fewer copies), written back into the checkpoint with the profile's copy ratio and the stall of no
-    prefetch at all (a prefetcher that never prefetches is not calibrated: the log says when none beats it);
-    returns (threshold, stall s/token)."""
+def calibrate(path: Path, validation, capacity: int, profile: str | None, tables: Any = None, log=print,
+              horizons: Sequence[int] = HORIZONS, in_flight: Sequence[int | None] = IN_FLIGHT,
+              thresholds: Sequence[float] = THRESHOLDS) -> tuple[float, float]:  # fmt: skip
+    """The prefetch setting with the lowest stall per token on `validation` (LRU eviction), in two stages: the
+    threshold (of `thresholds`) one layer ahead with no in-flight budget (ties: the higher threshold, fewer
+    copies), then at that threshold every horizon x in-flight budget (kept only if strictly lower: the simpler
+    setting wins ties). Written back into the checkpoint with the profile's copy ratio, every setting's stall and
+    the stall of no prefetch at all (the log says when none beats it); returns (threshold, stall s/token)."""
     from moe_env.policy import CombinedPolicy, make_policy
     from moe_env.sim import cost_model_for, simulate
 
-    best: tuple[float, float] | None = None
-    for threshold in THRESHOLDS:
-        prefetcher = PredictorPrefetch(path, threshold=threshold, tables=tables)
-        prefetcher.name = f"predictor:threshold={threshold}"
+    table: dict[str, float] = {}
+
+    def stall_of(threshold: float, horizon: int, flying: int | None) -> float:
+        prefetcher = PredictorPrefetch(path, threshold=threshold, tables=tables, horizon=horizon,
+                                       max_in_flight="none" if flying is None else flying)  # fmt: skip
+        prefetcher.name = f"predictor:threshold={threshold},horizon={horizon},max_in_flight={flying}"
         result = simulate(validation, CombinedPolicy(make_policy("lru"), prefetcher), capacity, profile)
         stall = result.stall_s_per_token
-        log(f"calibration: threshold {threshold}: {1e3 * stall:.3f} ms/token, hit rate {result.hit_rate:.3f}")
-        if best is None or stall <= best[1] + 1e-12:
-            best = (threshold, stall)
+        table[f"threshold={threshold},horizon={horizon},max_in_flight={flying}"] = 1e3 * stall
+        log(f"calibration: threshold {threshold}, horizon {horizon}, max_in_flight {flying}: {1e3 * stall:.3f} "
+            f"ms/token, hit rate {result.hit_rate:.3f}, prefetches used {result.prefetch_used} wasted "
+            f"{result.prefetch_wasted}")  # fmt: skip
+        return stall
+
+    best: tuple[float, int, int | None, float] | None = None  # (threshold, horizon, in flight, stall)
+    for threshold in thresholds:
+        stall = stall_of(threshold, 1, None)
+        if best is None or stall <= best[3] + 1e-12:
+            best = (threshold, 1, None, stall)
     assert best is not None
+    for horizon in horizons:
+        for flying in in_flight:
+            if (horizon, flying) == (1, None):
+                continue
+            stall = stall_of(best[0], horizon, flying)
+            if stall < best[3] - 1e-12:
+                best = (best[0], horizon, flying, stall)
+    threshold, horizon, flying, stall = best
     demand = simulate(validation, "lru", capacity, profile).stall_s_per_token
     ratio = copy_ratio(cost_model_for(validation.meta, profile), validation.meta.top_k)
     ckpt = load_checkpoint(path, KIND)
-    ckpt.config.update(threshold=best[0], copy_ratio=ratio, calibrated_capacity=capacity, calibrated_profile=profile,
-                       calibrated_stall_s_per_token=best[1], no_prefetch_stall_s_per_token=demand)  # fmt: skip
+    ckpt.config.update(threshold=threshold, horizon=horizon, max_in_flight=flying, copy_ratio=ratio,
+                       calibrated_capacity=capacity, calibrated_profile=profile, calibrated_stall_s_per_token=stall,
+                       no_prefetch_stall_s_per_token=demand, calibration_ms_per_token=table)  # fmt: skip
     save_checkpoint(ckpt, path)
-    verdict = "below" if best[1] < demand else "NOT below"
-    log(f"calibrated threshold {best[0]} ({1e3 * best[1]:.3f} ms/token at {capacity} slots, copy ratio {ratio:.2f}; "
-        f"{verdict} LRU without prefetch, {1e3 * demand:.3f} ms/token)")  # fmt: skip
-    return best[0], best[1]
+    verdict = "below" if stall < demand else "NOT below"
+    log(f"calibrated threshold {threshold}, horizon {horizon}, max_in_flight {flying} ({1e3 * stall:.3f} ms/token "
+        f"at {capacity} slots, copy ratio {ratio:.2f}; {verdict} LRU without prefetch, {1e3 * demand:.3f} ms/token)")
+    return threshold, stall

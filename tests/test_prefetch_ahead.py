@@ -191,3 +191,47 @@ def test_ahead_quality_per_distance_on_held_out_prompts(deep_predictor):
         for name in ("predictor", "previous_token", "inter_layer_chained", "token_table"):
             assert 0.0 <= row[name] <= 1.0, (d, name)
     assert quality[1]["predictor"] > 2 / 8 + 0.1  # well above chance (2 of 8) one layer ahead
+
+
+def _predictor_script():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "train" / "predictor.py"
+    spec = importlib.util.spec_from_file_location("train_predictor_ahead", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_calibrate_only_chooses_threshold_horizon_and_budget_into_a_copy(deep_predictor, tmp_path, capsys):
+    from moe_env.agents.checkpoint import load_checkpoint
+    from moe_env.agents.prefetch_predictor import HORIZONS, IN_FLIGHT, KIND
+
+    from moe_env.trace import save_trace
+
+    trace_file = save_trace(_deep(sequences=5), tmp_path / "t.npz")
+    before = deep_predictor.read_bytes()
+    out = tmp_path / "calibrated.pt"
+    args = ["--traces", f"{trace_file}#1-3", "--validation-traces", f"{trace_file}#0", "--eval-traces",
+            f"{trace_file}#4", "--calibrate", str(deep_predictor), "--out", str(out), "--thresholds", "0.3,0.6",
+            "--capacity", "4"]  # fmt: skip
+    script = _predictor_script()
+    assert script.main(args) == 0
+    assert deep_predictor.read_bytes() == before  # the source is left as it was
+    config = load_checkpoint(out, KIND).config
+    table = config["calibration_ms_per_token"]
+    assert len(table) == 2 + len(HORIZONS) * len(IN_FLIGHT) - 1
+    assert config["horizon"] in HORIZONS and config["max_in_flight"] in IN_FLIGHT
+    assert config["threshold"] in (0.3, 0.6)
+    chosen = f"threshold={config['threshold']},horizon={config['horizon']},max_in_flight={config['max_in_flight']}"
+    assert table[chosen] == pytest.approx(1e3 * config["calibrated_stall_s_per_token"])
+    same = [v for k, v in table.items() if k.startswith(f"threshold={config['threshold']},")]
+    assert table[chosen] == pytest.approx(min(same))
+    loaded = PredictorPrefetch(out)  # the plug-in takes the calibrated setting
+    assert loaded.horizon_setting == config["horizon"] and loaded.max_in_flight == config["max_in_flight"]
+    capsys.readouterr()
+    assert script.main([*args[:-4], "--thresholds", "0.3,7"]) == 2
+    assert script.main([a for a in args if a not in ("--out", str(out))]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "--thresholds" in err[0] and "--calibrate needs --out" in err[1]

@@ -54,7 +54,7 @@ from moe_env.policy import CacheView, ModelSpec, Policy, RouteEvent
 KIND = "set-predictor"
 THRESHOLDS = (0.2, 0.35, 0.5, 0.65, 0.8, 0.9, 0.95)
 HORIZONS = (1, 2, 3, 4)  # layers ahead the calibration tries
-IN_FLIGHT = (None, 1, 2)  # in-flight budgets it tries (None: no budget)
+IN_FLIGHT = (None, 1)  # in-flight budgets it tries (None: no budget)
 
 
 def shipped_predictor_path() -> Path:

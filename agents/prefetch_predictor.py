@@ -14,9 +14,12 @@ before it: ``predict_ahead``) and prefetches, nearest layer first:
   finds LESS likely at this token: the i-th prefetch beyond the free slots needs a probability above the i-th
   least likely evictable resident's (the cache's eviction policy chooses the victim; this bounds how many
   evictions a prefetch may cause to the number of residents it ranks below the candidate);
-- with ``max_in_flight=N``, only while fewer than N prefetches for the layers ahead are still in flight (the
-  link is FIFO and shared: a copy queued behind others lands too late to hide anything and delays the demand
-  loads behind it); the likeliest candidates of all target layers are kept.
+- with ``max_in_flight=N``, only while fewer than N of its prefetches are queued on the link ahead of a new one
+  beyond what the current layer waits for anyway: those issued since the latest demand load (the link is FIFO:
+  every prefetch issued before a demand load lands before it, so once a layer has demand-loaded, the copies
+  queued before are spent time; a copy queued behind other prefetches fills no idle link time and delays the
+  demand loads behind it); the likeliest candidates of all target layers are kept. Only cache residency is
+  read, so the engine can apply it too.
 It never reads the future (``needs_future`` is False): at step t it sees routing up to (t, l) and token t.
 Nothing is prefetched during prefill, and nothing for the next token: its identity, and so its token-table
 signal, is unknown until it is sampled, and the features of step t+1 are not built here (see README).
@@ -213,6 +216,7 @@ class PredictorPrefetch(Policy):
         self.features: PredictionFeatures | None = None
         self._cost = None
         self._checked = False
+        self._queued = 0  # prefetches issued since the latest demand load (see the module docstring)
 
     def _tables(self, spec: ModelSpec):
         if isinstance(self.tables, str):
@@ -243,6 +247,7 @@ class PredictorPrefetch(Policy):
     def begin_sequence(self, cache: CacheView) -> None:
         self.features.begin_sequence()
         self._checked = not self.needs
+        self._queued = 0
 
     def observe(self, event: RouteEvent, cache: CacheView) -> None:
         if not self._checked and not event.prefill:
@@ -253,6 +258,8 @@ class PredictorPrefetch(Policy):
                         "trace lacks; train it with token_dropout > 0 / on traces without them, or use another one"
                     )
             self._checked = True
+        if not all(cache.is_resident(event.layer, e) for e in event.experts):
+            self._queued = 0  # a demand load queues behind every earlier prefetch: they land before it
         self.features.update(event)
 
     def probabilities(self, layer: int) -> np.ndarray:
@@ -264,8 +271,7 @@ class PredictorPrefetch(Policy):
             return ()
         budget: int | None = None
         if self.max_in_flight is not None:
-            flying = sum(len(cache.in_flight(m)) for m in range(event.layer + 1, self.spec.num_layers))
-            budget = self.max_in_flight - flying
+            budget = self.max_in_flight - self._queued
             if budget <= 0:
                 return ()
         candidates: list[tuple[float, int, int]] = []  # (p, target layer, expert)
@@ -282,6 +288,7 @@ class PredictorPrefetch(Policy):
         if budget is not None and len(candidates) > budget:
             kept = sorted(range(len(candidates)), key=lambda i: -candidates[i][0])[:budget]
             candidates = [candidates[i] for i in sorted(kept)]  # nearest layer first, as collected
+        self._queued += len(candidates)  # each is new (not resident), and the cache issues it unless it is full
         return [(m, e) for _, m, e in candidates]
 
 

@@ -45,6 +45,7 @@ class _Recorder(PredictorPrefetch):
         super().__init__(path, **kwargs)
         self.log: list[tuple[int, int, tuple]] = []
         self.flying_after: list[int] = []
+        self.queued: list[int] = []
 
     def prefetch(self, event, cache):
         requests = tuple(super().prefetch(event, cache))
@@ -54,6 +55,7 @@ class _Recorder(PredictorPrefetch):
             flying = sum(len(cache.in_flight(m)) for m in ahead)
             new = {(m, e) for m, e in requests if not cache.is_resident(m, e)}
             self.flying_after.append(flying + len(new))
+            self.queued.append(self._queued)
         return requests
 
 
@@ -124,16 +126,19 @@ def test_auto_horizon_follows_the_copy_ratio(deep_predictor):
     assert ratio > 2 and profiled.horizon == min(math.ceil(ratio), 5)
 
 
-def test_max_in_flight_bounds_the_prefetches_queued_for_the_layers_ahead(deep_predictor):
+def test_max_in_flight_bounds_the_prefetches_queued_since_the_latest_demand_load(deep_predictor):
     trace = _deep(sequences=2)
     for limit in (1, 2):
         recorder = _Recorder(deep_predictor, threshold=0.05, horizon=4, max_in_flight=limit)
         result = simulate(trace, CombinedPolicy(make_policy("lru"), recorder), 4)
         assert result.prefetch_issued > 0
-        assert max(recorder.flying_after) <= limit
+        assert max(recorder.queued) <= limit
+        # the budget is refilled by demand loads, not by the prefetches' own layers routing: it issued while
+        # earlier prefetches were still pending in the cache
+        assert max(recorder.flying_after) > limit
     free = _Recorder(deep_predictor, threshold=0.05, horizon=4)
     simulate(trace, CombinedPolicy(make_policy("lru"), free), 4)
-    assert max(free.flying_after) > 2  # the bound is what stopped them
+    assert max(free.queued) > 2  # the bound is what stopped them
 
 
 def test_bad_horizon_or_in_flight_budget_is_refused_in_one_line(deep_predictor):

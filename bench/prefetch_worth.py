@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
                 r = cells[policy, prefetch, s]
                 used = ""
                 if prefetch != "none":
-                    used = f", {r.prefetch_used / 1e3:.0f} k used / {r.prefetch_wasted / 1e3:.0f} k wasted"
+                    used = f", {r.prefetch_used / 1e3:.1f} k used / {r.prefetch_wasted / 1e3:.1f} k wasted"
                 idle = f"; idle {1e3 * link_idle_s_per_token(r, bench.cost):.2f}"
                 row.append(f"{1e3 * r.stall_s_per_token:.2f} ({r.hit_rate:.3f}{used}{idle})")
             print(f"| {policy} | {prefetch} | {' | '.join(row)} |")

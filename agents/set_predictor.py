@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
-from moe_env.agents.candidate_features import FEATURES, CandidateFeatures, ModelTables
+from moe_env.agents.candidate_features import FEATURES, SMOOTHING, CandidateFeatures, ModelTables
 from moe_env.agents.set_scorer import IGNORED_STD, NumpyScorer, SetScorerNet
 
 from moe_env.policy import ModelSpec, RouteEvent
@@ -44,6 +44,7 @@ NUM_PREDICTOR_FEATURES = len(PREDICTOR_FEATURES)
 RANK_CAP = 3.0  # ranks are in units of top-k, capped: beyond 3k an expert's rank says little
 _BASE_INDEX = np.asarray([FEATURES.index(name) for name in BASE_COLUMNS])
 _RANK_INDEX = np.asarray([FEATURES.index(name) for name in RANKED])
+_COACTIVATION, _FIRST_LAYER = FEATURES.index("coactivation"), FEATURES.index("first_layer")
 
 
 class _NoCache:
@@ -72,10 +73,17 @@ class PredictionFeatures:
     def update(self, event: RouteEvent) -> None:
         self.base.update(event, 0)
 
-    def rows(self, layer: int) -> np.ndarray:
-        """Features [E, NUM_PREDICTOR_FEATURES] of every expert of `layer` at the current step."""
+    def rows(self, layer: int, given: np.ndarray | None = None) -> np.ndarray:
+        """Features [E, NUM_PREDICTOR_FEATURES] of every expert of `layer` at the current step. `given` [E]: a
+        distribution over layer-1's experts at this step when layer-1 has not routed yet (multi-layer-ahead
+        prediction: the predicted probabilities of layer-1); its inter-layer signal is the chained, soft
+        co-activation (``soft_coactivation``) instead of the hard one of layer-1's routed experts."""
         base = self.base
         full = base.layer_rows(layer, self._no_cache)
+        if given is not None:
+            full = full.copy()
+            full[:, _COACTIVATION] = soft_coactivation(base, layer, given)
+            full[:, _FIRST_LAYER] = 0.0
         e, k = self.spec.num_experts, self.spec.top_k
         out = np.empty((e, NUM_PREDICTOR_FEATURES))
         nb = len(BASE_COLUMNS)
@@ -94,6 +102,50 @@ class PredictionFeatures:
         scaled[:, flat] = RANK_CAP
         out[:, nb + 2 :] = scaled
         return out
+
+    def routed_now(self, layer: int) -> tuple[int, ...]:
+        """The experts `layer` routed at the current step (empty if it has not routed yet)."""
+        base = self.base
+        return base.current[layer] if base.current_step[layer] == base.step else ()
+
+
+def soft_coactivation(base: CandidateFeatures, layer: int, given: np.ndarray) -> np.ndarray:
+    """candidate_features' co-activation column of `layer` with the hard set of layer-1's experts replaced by a
+    distribution `given` over them: log of sum_j w_j P(e at layer | j at layer-1) / uniform, w = given / sum,
+    each P smoothed toward the layer's long-run share exactly as candidate_features does. For a `given` that is
+    uniform over k routed experts this is the hard column itself."""
+    spec = base.spec
+    weights = np.clip(np.asarray(given, dtype=np.float64), 0.0, None)
+    total = weights.sum()
+    if layer < 1 or total <= 0:
+        return np.zeros(spec.num_experts)
+    popularity = base.popularity[layer]
+    prior = (popularity + 1.0) / (popularity.sum() + spec.num_experts) * spec.top_k
+    table = base.coactivation[layer]  # [E, E]: (j at layer-1, e at layer)
+    totals = table.sum(axis=1, keepdims=True) / spec.top_k
+    p = (table + SMOOTHING * prior[None, :]) / (totals + SMOOTHING)
+    uniform = spec.top_k / spec.num_experts
+    return np.log((weights / total) @ p / uniform)
+
+
+def predict_ahead(features: PredictionFeatures, scorer: NumpyScorer, layer: int,
+                  horizon: int) -> list[tuple[int, np.ndarray]]:  # fmt: skip
+    """P(routed at the current step) of every expert of layers layer+1 .. layer+horizon (clipped to the model's
+    last layer), after `layer` has routed: (target layer, probabilities [E]) nearest first. Layer layer+1 reads
+    layer's routed experts; each farther layer reads the predicted probabilities of the one before it (the
+    inter-layer signal chains). Causal: only routing up to (t, layer) and token t are read."""
+    out: list[tuple[int, np.ndarray]] = []
+    last = min(layer + horizon, features.spec.num_layers - 1)
+    given: np.ndarray | None = None
+    for m in range(layer + 1, last + 1):
+        p = sigmoid(scorer(features.rows(m, given)))
+        out.append((m, p))
+        given = p
+    return out
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.clip(x, -50.0, 50.0)))
 
 
 def decode_events(sequence: SequenceTrace, vocab: list | None, keep_tokens: bool = True) -> Iterator[RouteEvent]:
@@ -288,3 +340,54 @@ def samples_for(trace: Trace, tables: ModelTables | None, max_samples: int | Non
     cells = decode_cells(trace)
     keep = 1.0 if not max_samples or cells <= max_samples else max_samples / cells
     return collect_samples(trace, PredictionFeatures(model_spec(trace.meta), tables), keep, seed)
+
+
+# ------------------------------------------------------------------------------------------ quality, h ahead
+
+AHEAD_METHODS = ("predictor", "previous_token", "inter_layer_chained", "token_table")
+
+
+def ahead_quality(trace: Trace, tables: ModelTables | None, scorer: NumpyScorer, horizon: int, keep: float = 1.0,
+                  seed: int = 0) -> dict[int, dict[str, float]]:  # fmt: skip
+    """Precision at k (= recall at k) of predicting layer l+d's experts right after layer l of the same token has
+    routed, for d = 1..horizon, as the prefetch plug-in predicts them (``predict_ahead``), against three signals
+    on the same rows (t >= 1): the same experts as the previous token at layer l+d, the inter-layer signal
+    chained from layer l's experts through the co-activation tables alone, and the token table (the layer's
+    long-run popularity where the table does not know the token). A share `keep` of the (t, l) is drawn."""
+    spec = model_spec(trace.meta)
+    features = PredictionFeatures(spec, tables)
+    rng = np.random.default_rng(seed)
+    k = spec.top_k
+    col = PREDICTOR_FEATURES.index
+    hits = {d: dict.fromkeys(AHEAD_METHODS, 0) for d in range(1, horizon + 1)}
+    cells = dict.fromkeys(range(1, horizon + 1), 0)
+    vocab = vocab_of(trace)
+    uniform = k / spec.num_experts
+    for sequence in trace.sequences:
+        features.begin_sequence()
+        experts = sequence.experts
+        for event in decode_events(sequence, vocab):
+            features.update(event)
+            t, layer = event.step, event.layer
+            if event.prefill or t < 1 or layer + 1 >= spec.num_layers or (keep < 1.0 and rng.random() >= keep):
+                continue
+            predicted = predict_ahead(features, scorer, layer, horizon)
+            chained = np.zeros(spec.num_experts)
+            chained[list(event.experts)] = 1.0
+            for d, (m, p) in enumerate(predicted, 1):
+                truth = experts[t, m]
+                before = experts[t - 1, m]
+                if truth[0] < 0 or before[0] < 0:
+                    continue
+                chained = uniform * np.exp(soft_coactivation(features.base, m, chained))
+                rows = features.rows(m)  # its token columns (the chained signal does not touch them)
+                token = rows[:, col("token")] if rows[0, col("token_missing")] == 0 else rows[:, col("long_share")]
+                previous = np.zeros(spec.num_experts)
+                previous[before] = 1.0
+                for name, scores in (("predictor", p), ("previous_token", previous),
+                                     ("inter_layer_chained", chained), ("token_table", token)):  # fmt: skip
+                    top = np.argsort(-scores, kind="stable")[:k]
+                    hits[d][name] += int(np.isin(top, truth).sum())
+                cells[d] += 1
+    return {d: {name: hits[d][name] / max(k * cells[d], 1) for name in AHEAD_METHODS} | {"cells": cells[d]}
+            for d in hits}  # fmt: skip

@@ -10,6 +10,9 @@ statistics warm-started from the model tables) and of the token table alone (pop
 know the token), against the experts layer m routes. Every method is scored on the same rows (t >= 1). The online
 statistics keep learning over the trace's sequences, as a server's would; nothing is trained on these prompts.
 Prints a summary (mean, min and max over layers) and, with --per-layer, the full per-layer table (markdown).
+``--horizon H`` adds precision at k of predicting layer l+d (d = 1..H) right after layer l, as the prefetch plug-in
+predicts it with a horizon (the inter-layer signal chained through the predicted layers), against the previous
+token at layer l+d, the inter-layer signal chained through the co-activation tables alone, and the token table.
 """
 
 from __future__ import annotations
@@ -23,10 +26,10 @@ import numpy as np
 from moe_env.agents.evaluate import json_safe
 from moe_env.agents.model_tables import find_shipped_tables, load_tables
 from moe_env.agents.prefetch_predictor import load_set_predictor, shipped_predictor_path
-from moe_env.agents.set_predictor import prediction_quality, samples_for
+from moe_env.agents.set_predictor import AHEAD_METHODS, ahead_quality, decode_cells, prediction_quality, samples_for
 from moe_env.agents.set_scorer import NumpyScorer
 
-from moe_env.errors import MoeEnvError
+from moe_env.errors import MoeEnvError, UsageError
 from moe_env.sim import model_spec
 from moe_env.trace import load_trace
 
@@ -43,11 +46,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-samples", type=int, default=30_000, help="(t, m) cells per trace, drawn at random")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--per-layer", action="store_true", help="also print the per-layer table")
+    p.add_argument("--horizon", type=int, default=1, help="also report layers 1..H ahead (default 1: not)")
     p.add_argument("--json", action="store_true")
     return p.parse_args(argv)
 
 
-def quality_of(spec: str, scorer: NumpyScorer, tables_choice: str, max_samples: int, seed: int) -> dict:
+def quality_of(spec: str, scorer: NumpyScorer, tables_choice: str, max_samples: int, seed: int,
+               horizon: int = 1) -> dict:  # fmt: skip
     trace = load_trace(spec)
     model = model_spec(trace.meta)
     if tables_choice == "shipped":
@@ -59,7 +64,11 @@ def quality_of(spec: str, scorer: NumpyScorer, tables_choice: str, max_samples: 
     samples = samples_for(trace, tables, max_samples, seed)
     quality = prediction_quality(samples, scorer, trace.meta.top_k)
     shape = (trace.meta.num_layers, trace.meta.num_experts, trace.meta.top_k)
-    return {"trace": spec, "shape": shape, "tables": tables is not None, "quality": quality}
+    out = {"trace": spec, "shape": shape, "tables": tables is not None, "quality": quality}
+    if horizon > 1:
+        keep = min(1.0, max_samples / max(decode_cells(trace), 1))
+        out["ahead"] = ahead_quality(trace, tables, scorer, horizon, keep, seed)
+    return out
 
 
 def summary_line(name: str, q: dict) -> str:
@@ -77,7 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         path = Path(args.predictor) if args.predictor else shipped_predictor_path()
         net, _ = load_set_predictor(path)
-        results = [quality_of(s, NumpyScorer(net), args.tables, args.max_samples, args.seed) for s in specs]
+        if args.horizon < 1:
+            raise UsageError(f"--horizon must be >= 1, not {args.horizon}")
+        results = [quality_of(s, NumpyScorer(net), args.tables, args.max_samples, args.seed, args.horizon)
+                   for s in specs]  # fmt: skip
     except MoeEnvError as exc:
         print(f"predictor_quality.py: error: {exc}", file=sys.stderr)
         return 2
@@ -104,6 +116,12 @@ def main(argv: list[str] | None = None) -> int:
             for layer in sorted(q["predictor"]["per_layer"]):
                 cells = " | ".join(f"{q[m]['per_layer'][layer][0]:.3f}" for m in METHODS)
                 print(f"| {layer} | {cells} |")
+        if "ahead" in r:
+            print(f"\n| layers ahead | {' | '.join(AHEAD_METHODS)} | (t, l) cells |")
+            print("|---|" + "---|" * (len(AHEAD_METHODS) + 1))
+            for d, row in r["ahead"].items():
+                cells = " | ".join(f"{row[m]:.3f}" for m in AHEAD_METHODS)
+                print(f"| {d} | {cells} | {row['cells']} |")
     return 0
 
 

@@ -3,6 +3,7 @@
     python train/predictor.py --traces T [--validation-traces V] [--eval-traces E]
     python train/predictor.py --traces D#id=1-800 --validation-traces D#id=801-900 --eval-traces D#id=901-1000
     python train/predictor.py --run-dir runs/x --resume        # continue after Ctrl-C, from the last epoch
+    python train/predictor.py --traces T --validation-traces V --calibrate CKPT --out OUT   # no training
 
 Every default comes from the trace: validation is the last fifth of the training sequences and evaluation the
 last tenth of --traces unless given (splits by sequence, overlaps refused: agents/traces.py make_splits); the
@@ -11,8 +12,10 @@ rows use tables of the other half of the training sequences, so a row never sees
 The run directory (default runs/predictor-<model>-<time>) holds config.json, command.txt, log.txt, tb/
 (TensorBoard), samples-*.npz and epoch-N.pt (for --resume), best.pt (lowest validation loss, calibrated),
 tables.npz and summary.json; --out (default RUN_DIR/predictor.pt) gets best.pt and a .json of the run, usable
-as ``--prefetch predictor:OUT,tables=RUN_DIR/tables.npz``. Library code: agents/set_predictor.py,
-agents/prefetch_predictor.py.
+as ``--prefetch predictor:OUT,tables=RUN_DIR/tables.npz``. ``--calibrate CKPT`` trains nothing: OUT is CKPT with
+its prefetch setting (threshold, horizon, in-flight budget) calibrated on the first ``calibrate_sequences``
+validation sequences (model tables: the shipped ones of the shape, as the plug-in's default). Library code:
+agents/set_predictor.py, agents/prefetch_predictor.py.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from moe_env.agents.predictor_training import (
     save_samples,
 )
 from moe_env.agents.prefetch_predictor import (
+    THRESHOLDS,
     SetPredictorConfig,
     calibrate,
     default_calibration_capacity,
@@ -87,6 +91,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue the run in --run-dir after its last epoch")
     p.add_argument("--out", default=None, help="checkpoint path (default RUN_DIR/predictor.pt)")
     p.add_argument("--json", action="store_true", help="print the prediction quality as JSON")
+    p.add_argument("--calibrate", default=None, metavar="CKPT",
+                   help="only calibrate this checkpoint's prefetch setting on validation, into --out")  # fmt: skip
+    p.add_argument("--thresholds", default=None, help="thresholds the calibration tries, comma-separated "
+                   "(default: agents/prefetch_predictor.py THRESHOLDS)")  # fmt: skip
     return p.parse_args(argv)
 
 
@@ -113,7 +121,10 @@ def _main(argv: list[str] | None) -> int:
             args.traces, args.validation_traces, args.eval_traces = saved["traces"], saved["validation"], saved["eval"]
             args.capacity, args.profile = saved["capacity"], saved["profile"]
         config = _config(args, run_dir or Path("."))
+        args.thresholds = _thresholds(args.thresholds)  # refused before anything is loaded or written
         splits = make_splits(args.traces, args.eval_traces, args.validation_traces)
+        if args.calibrate is not None:
+            return _calibrate_only(args, config, splits, say)
         meta = splits.train.meta
         capacity = args.capacity if args.capacity is not None else config.calibrate_capacity
         if capacity is None:
@@ -150,7 +161,8 @@ def _main(argv: list[str] | None) -> int:
         sys.stdout.flush()
         best_path = _train(data, config, run_dir, args.resume, log)
         threshold, stall = calibrate(best_path, _head(splits.validation, config.calibrate_sequences), capacity,
-                                     args.profile, tables=data.tables, log=log)  # fmt: skip
+                                     args.profile, tables=data.tables, log=log,
+                                     thresholds=args.thresholds)  # fmt: skip
         evaluation = samples_for(splits.evaluation, data.tables, config.validation_samples, config.seed + 1)
         net, _ = load_set_predictor(best_path)
         quality = prediction_quality(evaluation, NumpyScorer(net), meta.top_k)
@@ -185,6 +197,46 @@ def _main(argv: list[str] | None) -> int:
         print(f"train/predictor.py: interrupted; continue with --run-dir {run_dir} --resume", file=sys.stderr)
         return 130
     return 0
+
+
+def _calibrate_only(args: argparse.Namespace, config: SetPredictorConfig, splits, say) -> int:
+    source = Path(args.calibrate)
+    load_set_predictor(source)  # refused in one line if it is not a set predictor
+    if not args.out:
+        raise UsageError("--calibrate needs --out (the calibrated copy; the checkpoint itself is left as it is)")
+    out = Path(args.out)
+    check_writable_file(out, "--out")
+    meta = splits.train.meta
+    capacity = args.capacity if args.capacity is not None else config.calibrate_capacity
+    if capacity is None:
+        capacity = default_calibration_capacity(meta.num_experts, meta.top_k)
+    splits.checked_capacity(capacity)
+    validation = _head(splits.validation, config.calibrate_sequences)
+    staging = out.with_name(f".{out.name}.calibrating")
+    shutil.copyfile(source, staging)
+    try:
+        threshold, stall = calibrate(staging, validation, capacity, args.profile, log=say,
+                                     thresholds=args.thresholds)  # fmt: skip
+        os.replace(staging, out)
+    finally:
+        staging.unlink(missing_ok=True)
+    say(f"saved {out} (threshold {threshold}, {1e3 * stall:.3f} ms/token on {len(validation.sequences)} validation "
+        "sequences)")  # fmt: skip
+    return 0
+
+
+def _thresholds(text: str | tuple | None) -> tuple[float, ...]:
+    if text is None:
+        return THRESHOLDS
+    if isinstance(text, tuple):  # already parsed
+        return text
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise UsageError(f"--thresholds: comma-separated numbers in (0, 1], not {text!r}") from None
+    if not values or not all(0.0 < v <= 1.0 for v in values):
+        raise UsageError(f"--thresholds: comma-separated numbers in (0, 1], not {text!r}")
+    return values
 
 
 def _head(trace: Trace, n: int) -> Trace:

@@ -2,7 +2,8 @@
 
 A run directory holds: config.json, command.txt, tb/ (TensorBoard: train/hit_rate, train/stall_s,
 train/gap_captured per episode; validation/hit_rate, validation/stall_s_per_token, validation/gap_captured;
-SB3's losses), checkpoints/ (full SB3 models for --resume; last.zip is the newest), latest-policy.pt and
+SB3's losses), checkpoints/ (full SB3 models for --resume; last.zip is the newest), latest-policy.pt,
+policies/step-N.pt (each evaluated policy: the learning curve can be re-measured on other prompts) and
 best-policy.pt (policy-only, the plug-in format: ``--policy ppo:RUN/best-policy.pt``). Best = lowest stall per
 token on the validation traces (moe_env.agents.traces.split_validation): the eval traces are only for the final table.
 """
@@ -113,6 +114,9 @@ class EvalCallback(BaseCallback):
     def checkpoint(self) -> dict:
         latest = self.run_dir / "latest-policy.pt"
         self.save_policy(latest)
+        history = self.run_dir / "policies"
+        history.mkdir(exist_ok=True)
+        shutil.copyfile(latest, history / f"step-{self.num_timesteps:09d}.pt")
         save_model(self.model, self.run_dir)
         metrics = self.evaluate(latest)
         for key, value in metrics.items():

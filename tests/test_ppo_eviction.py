@@ -201,6 +201,8 @@ def test_train_script_with_the_default_config_trains_and_resumes(tmp_path, capsy
     for name in ("config.json", "command.txt", "best-policy.pt", "latest-policy.pt", "checkpoints/last.zip"):
         assert (run_dir / name).is_file(), name
     assert any((run_dir / "tb").rglob("events.out.tfevents.*"))
+    snapshots = sorted(p.name for p in (run_dir / "policies").glob("step-*.pt"))  # every evaluated policy kept
+    assert snapshots[0] == "step-000000000.pt" and len(snapshots) >= 3
     assert isinstance(PPOPolicy(run_dir / "best-policy.pt"), PPOPolicy)
     first = PPO.load(run_dir / "checkpoints" / "last.zip").num_timesteps
     assert _script().main([*args, "--resume", "--total-timesteps", "512"]) == 0

@@ -32,7 +32,7 @@ from moe_env.sim import TraceOracle, model_spec, simulate
 from moe_env.trace import SequenceTrace, Trace, load_trace
 
 ENV_ID = "moe_env/EvictionDecision-v0"  # registered by moe_env/__init__.py
-REWARDS = ("belady", "misses")
+REWARDS = ("belady", "regret", "misses")
 MASK_COLUMN = NUM_FEATURES  # the observation's last column: 1 for a real candidate, 0 for padding
 
 
@@ -98,7 +98,10 @@ class EvictionDecisionEnv(gym.Env):
 
     REWARD: ``"belady"`` (per decision, against Belady's per-event outcome): (log(1 + d_victim) - log(1 + d_far)) /
     log(1 + H) in [-1, 0], with d the accesses until a candidate's next use capped at H (``horizon_tokens`` tokens of
-    accesses) and d_far the farthest among the candidates (Belady's choice: reward 0). ``"misses"``: minus the decode
+    accesses) and d_far the farthest among the candidates (Belady's choice: reward 0). ``"regret"``: minus the miss
+    the choice may cost against Belady's: -1 if the victim is used again before Belady's victim (d_victim < d_far,
+    within H: swapping the two evictions costs at most that one miss), else 0; it weighs every wrong choice
+    alike, where ``"belady"`` barely penalises one between two far candidates. ``"misses"``: minus the decode
     misses routed between this decision and the next (the episode's return is minus its misses after the first
     decision).
 
@@ -261,7 +264,7 @@ class EvictionDecisionEnv(gym.Env):
             raise gym.error.ResetNeeded("the episode has ended: call reset() before step()")
         index = checked_index(action, self.max_candidates) % len(decision.candidates)
         reward = 0.0
-        if self.reward_kind == "belady":
+        if self.reward_kind in ("belady", "regret"):
             reward = self._belady_reward(decision, index)
         self.decisions += 1
         self._pending_misses = 0
@@ -284,10 +287,13 @@ class EvictionDecisionEnv(gym.Env):
 
     # -- pieces ------------------------------------------------------------------------------------------------
     def _belady_reward(self, decision: Decision, index: int) -> float:
+        """The choice against Belady's victim (the candidate used farthest in the future), ``reward_kind``'s way."""
         cache = self._cache(self.capacity)
         distance = np.array([cache.next_use(decision.layer, e) for e in decision.candidates], dtype=np.float64)
-        capped = np.log1p(np.minimum(distance, self.horizon))
-        return float((capped[index] - capped.max()) / math.log1p(self.horizon))
+        capped = np.minimum(distance, self.horizon)
+        if self.reward_kind == "regret":
+            return -1.0 if capped[index] < capped.max() else 0.0
+        return float((math.log1p(capped[index]) - math.log1p(capped.max())) / math.log1p(self.horizon))
 
     def _observation(self) -> np.ndarray:
         obs = np.zeros(self.observation_space.shape, dtype=np.float32)

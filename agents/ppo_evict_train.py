@@ -58,7 +58,7 @@ class EvictionPPOConfig:
     clip_range: float = 0.1
     ent_coef: float = 0.0
     value_hidden: int = 32
-    reward: str = "belady"  # belady | misses (agents/eviction_env.py)
+    reward: str = "belady"  # belady | regret | misses (agents/eviction_env.py)
     horizon_tokens: float = 64.0
     capacities: list[int] | None = None  # None: 1/8, 1/4, 1/2 of the experts
     max_candidates: int | None = None  # None: the largest capacity
@@ -74,7 +74,7 @@ class EvictionPPOConfig:
 def check_config(config: EvictionPPOConfig) -> None:
     """The choices a config makes by name, refused before any work with one line."""
     if config.reward not in REWARDS:
-        raise UsageError(f"unknown reward {config.reward!r} for the eviction PPO; use {' or '.join(REWARDS)}")
+        raise UsageError(f"unknown reward {config.reward!r} for the eviction PPO; use {', '.join(REWARDS)}")
     if config.vec_env not in ("dummy", "subproc"):
         raise UsageError(f"unknown vec_env {config.vec_env!r} in the PPO config; use dummy or subproc")
     if config.tables.lower() not in ("shipped", "none") and not Path(config.tables).is_file():

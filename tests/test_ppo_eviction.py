@@ -95,6 +95,25 @@ def test_belady_reward_is_zero_for_the_optimum_and_negative_for_a_worse_choice(t
     assert worse and all(-1.0 <= r < 0.0 for r in worse)
 
 
+def test_regret_reward_is_zero_for_belady_and_minus_one_for_a_victim_needed_before_belady_s(trace):
+    env = EvictionDecisionEnv(trace, capacities=[3], reward="regret", tables=None)
+    env.reset(options={"sequence": 0, "capacity": 3})
+    worse, done, step = [], False, 0
+    while not done:
+        d = env.current_decision
+        far = np.minimum([env.cache.next_use(d.layer, e) for e in d.candidates], env.horizon)
+        nearest = int(np.argmin(far))
+        if step % 2 == 0 and far[nearest] < far.max():
+            _, reward, done, _, _ = env.step(nearest)
+            worse.append(reward)
+        else:  # any candidate as far as Belady's victim is as good as Belady's choice
+            ties = np.flatnonzero(far == far.max())
+            _, reward, done, _, _ = env.step(int(ties[-1]))
+            assert reward == 0.0
+        step += 1
+    assert worse and all(r == -1.0 for r in worse)
+
+
 def test_misses_reward_sums_to_the_episode_misses(trace):
     env = EvictionDecisionEnv(trace, capacities=[3], reward="misses", tables=None)
     env.reset(options={"sequence": 1, "capacity": 3})

@@ -75,7 +75,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--start", default=None, help="eviction PPO: the imitation checkpoint to start from (default: the shipped one)"
     )
-    p.add_argument("--reward", default=None, help="eviction PPO: belady | misses (agents/eviction_env.py)")
+    p.add_argument("--reward", default=None, help="eviction PPO: belady | regret | misses (agents/eviction_env.py)")
     p.add_argument("--prior", default=None, help="residual PPO: score prior none | features | predictor")
     p.add_argument("--prior-predictor", default=None, help="residual PPO: predictor checkpoint for --prior predictor")
     p.add_argument("--run-dir", default=None, help="default runs/ppo-<model>-<time>")

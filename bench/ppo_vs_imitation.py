@@ -23,7 +23,7 @@ import argparse
 import json
 import statistics
 import sys
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 from functools import lru_cache
 from pathlib import Path
 
@@ -48,7 +48,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--runs", nargs="+", required=True, help="PPO run directories (their best-policy.pt) or .pt files")
     p.add_argument("--start", default=None, help="the imitation checkpoint they started from (default: shipped)")
     p.add_argument("--validation", required=True, help="validation traces spec")
-    p.add_argument("--held-out", required=True, help="held-out traces spec")
+    p.add_argument("--held-out", default=None, help="held-out traces spec (default: validation only)")
     p.add_argument("--capacities", default="16", help="slots per layer, comma-separated")
     p.add_argument("--profile", default=None, help="cost model HARDWARE[:EXPERTS]")
     p.add_argument("--jobs", type=int, default=1, help="replay processes (default 1; more only where cores are free)")
@@ -113,7 +113,7 @@ def compare(args: argparse.Namespace) -> int:
                   "replayed once, result reused", flush=True)  # fmt: skip
     replayed = {i: (KIND, str(runs[i])) for i, label in enumerate(same) if label == i}
     policies = {START: ("imitation", str(start))} | replayed
-    sets = (("validation", args.validation), ("held-out", args.held_out))
+    sets = [("validation", args.validation)] + ([("held-out", args.held_out)] if args.held_out else [])
     rows = []
     with ProcessPoolExecutor(max_workers=args.jobs) if args.jobs > 1 else InProcess() as pool:
         futures = {(label, c, key): pool.submit(replay, spec, policy, c, args.profile)
@@ -129,7 +129,7 @@ def compare(args: argparse.Namespace) -> int:
 
 
 class InProcess:
-    """The executor of ``--jobs 1``: each task runs here when submitted (no worker process to start)."""
+    """The executor of ``--jobs 1``: a task runs here when its result is asked for, so rows stream in order."""
 
     def __enter__(self) -> InProcess:
         return self
@@ -137,10 +137,16 @@ class InProcess:
     def __exit__(self, *exc) -> None:
         return None
 
-    def submit(self, fn, *args) -> Future:
-        future: Future = Future()
-        future.set_result(fn(*args))
-        return future
+    def submit(self, fn, *args) -> Deferred:
+        return Deferred(lambda: fn(*args))
+
+
+class Deferred:
+    def __init__(self, compute):
+        self.compute = compute
+
+    def result(self):
+        return self.compute()
 
 
 def compare_row(label: str, capacity: int, base: dict, per_run: list[dict], same: list[str | int]) -> dict:

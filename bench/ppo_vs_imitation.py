@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 from moe_env.agents.checkpoint import load_checkpoint
-from moe_env.agents.imitation import ImitationPolicy, shipped_imitation_path
+from moe_env.agents.imitation import ImitationPolicy, load_scorer_net, shipped_imitation_path
 from moe_env.agents.ppo import KIND, PPOPolicy
 from moe_env.agents.traces import load_traces
 
@@ -57,7 +57,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def scorer_weights(path: Path, kind: str) -> dict[str, torch.Tensor]:
-    return load_checkpoint(path, kind).state_dict
+    """The scorer's weights as the plug-in loads them (so both sides are read the same way)."""
+    return load_scorer_net(load_checkpoint(path, kind), str(path)).state_dict()
 
 
 def distinct_policies(start: Path, runs: list[Path]) -> list[str | int]:

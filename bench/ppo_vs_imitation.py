@@ -117,10 +117,11 @@ def compare(args: argparse.Namespace) -> int:
     sets = [("validation", args.validation)] + ([("held-out", args.held_out)] if args.held_out else [])
     rows = []
     with ProcessPoolExecutor(max_workers=args.jobs) if args.jobs > 1 else InProcess() as pool:
+        # capacity first: a run stopped early has both sets at the first capacities
         futures = {(label, c, key): pool.submit(replay, spec, policy, c, args.profile)
-                   for label, spec in sets for c in capacities for key, policy in policies.items()}  # fmt: skip
-        for label, _ in sets:
-            for capacity in capacities:
+                   for c in capacities for label, spec in sets for key, policy in policies.items()}  # fmt: skip
+        for capacity in capacities:
+            for label, _ in sets:
                 got = {key: futures[(label, capacity, key)].result() for key in policies}
                 rows.append(compare_row(label, capacity, got[START], [got[key] for key in same], same))
                 print_row(rows[-1])

@@ -46,7 +46,7 @@ def test_equal_weights_are_replayed_once_and_the_rows_match_a_direct_replay(tmp_
     assert bench.main(args) == 0
     assert "replayed once" in capsys.readouterr().out
     rows = json.loads(out.read_text())
-    assert [(r["set"], r["capacity"]) for r in rows] == [("validation", 3), ("validation", 5), ("held-out", 3),
+    assert [(r["set"], r["capacity"]) for r in rows] == [("validation", 3), ("held-out", 3), ("validation", 5),
                                                          ("held-out", 5)]  # fmt: skip
     for row in rows:
         assert all(v == 0.0 for v in (row["change"][m][0] for m in bench.METRICS))  # step 0 is the start

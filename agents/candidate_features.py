@@ -57,11 +57,15 @@ FEATURES: tuple[str, ...] = (
     "first_layer",  # no previous layer: co-activation is unavailable
     "budget",  # capacity / E
     "top_k_per_slot",  # k / capacity
+    # added after the first shipped checkpoints (a checkpoint trained on a prefix of these loads: see set_scorer)
+    "seq_tokens",  # log tokens seen this sequence at this layer: how much evidence seq_share / seq_count carry
+    "decay_long",  # uses decayed by 0.98 per token, scaled by 0.02: a ~50-token window, between slow and seq
+    "transition_mix",  # log odds-ratio of the mixture of P(e at t+1 | j) over j, weighted by j's decay_slow
 )
 NUM_FEATURES = len(FEATURES)
 HIDEABLE: tuple[str, ...] = ("tokens", "gate weights", "gate logits", "lookahead")
 WINDOW = 8
-FAST, SLOW = 0.5, 0.9
+FAST, SLOW, LONG = 0.5, 0.9, 0.98
 SMOOTHING = 2.0  # virtual observations (at the layer's long-run share) behind each conditional estimate
 _LOG_SCALE = 1.0 / math.log(257.0)
 
@@ -151,6 +155,7 @@ class CandidateFeatures:
         self.count = np.zeros(shape)
         self.fast = np.zeros(shape)
         self.slow = np.zeros(shape)
+        self.long = np.zeros(shape)
         self.decay_step = np.zeros(num_layers, dtype=np.int64)
         self.history = np.zeros((num_layers, WINDOW, num_experts), dtype=bool)
         self.history_step = np.full((num_layers, WINDOW), -(10**6), dtype=np.int64)
@@ -190,9 +195,11 @@ class CandidateFeatures:
         if behind > 0:
             self.fast[layer] *= FAST**behind
             self.slow[layer] *= SLOW**behind
+            self.long[layer] *= LONG**behind
             self.decay_step[layer] = step
         self.fast[layer, experts] += 1.0
         self.slow[layer, experts] += 1.0
+        self.long[layer, experts] += 1.0
         self.count[layer, experts] += 1.0
         self.last_step[layer, experts] = step
         if weights is not None:
@@ -245,6 +252,16 @@ class CandidateFeatures:
         p = (rows + SMOOTHING * prior[None, :]) / (totals + SMOOTHING)
         return np.log(p.mean(axis=0) / self._uniform)
 
+    def _mixture(self, table: np.ndarray, weight: np.ndarray, prior: np.ndarray) -> np.ndarray:
+        """log of sum_j w_j P(e | j) / sum_j w_j / uniform: the conditional of the layer's recent experts (weights
+        `weight`), each P smoothed toward the layer's long-run share; 0 before any use."""
+        total = weight.sum()
+        if total <= 0:
+            return np.zeros(len(prior))
+        totals = table.sum(axis=1, keepdims=True) / self.spec.top_k
+        p = (table + SMOOTHING * prior[None, :]) / (totals + SMOOTHING)
+        return np.log((weight / total) @ p / self._uniform)
+
     def rows(self, layer: int, candidates: np.ndarray, cache: CacheView) -> np.ndarray:
         """Features [len(candidates), NUM_FEATURES] of `candidates` (experts of `layer`) at the current step."""
         return self.layer_rows(layer, cache)[candidates]
@@ -270,6 +287,8 @@ class CandidateFeatures:
         behind = max(step - int(self.decay_step[layer]), 0)
         out[:, c["decay_fast"]] = self.fast[layer] * FAST**behind
         out[:, c["decay_slow"]] = self.slow[layer] * (SLOW**behind * (1 - SLOW))
+        out[:, c["decay_long"]] = self.long[layer] * (LONG**behind * (1 - LONG))
+        out[:, c["seq_tokens"]] = math.log1p(self.tokens_seen[layer]) * _LOG_SCALE
         recent = self.history_step[layer] > step - WINDOW
         out[:, c["window"]] = self.history[layer][recent].sum(axis=0) / WINDOW
         out[:, c["seq_share"]] = count / (self.tokens_seen[layer] + 1.0) / self._uniform
@@ -278,6 +297,7 @@ class CandidateFeatures:
         out[:, c["long_share"]] = share * num_experts
         prior = share * self.spec.top_k
         out[:, c["transition"]] = self._conditional(self.transition, self.current[layer], layer, prior)
+        out[:, c["transition_mix"]] = self._mixture(self.transition[layer], self.slow[layer], prior)
         first = not (layer > 0 and self.current_step[layer - 1] == step)  # layer l-1 has routed this token
         out[:, c["coactivation"]] = 0.0 if first else self._conditional(
             self.coactivation, self.current[layer - 1], layer, prior

@@ -34,7 +34,7 @@ from moe_env.agents.candidate_features import (
 )
 from moe_env.agents.checkpoint import PolicyCheckpoint, load_checkpoint, load_weights, save_checkpoint
 from moe_env.agents.model_tables import find_shipped_tables, load_tables
-from moe_env.agents.set_scorer import Decisions, NumpyScorer, SetScorerNet, fit_scorer
+from moe_env.agents.set_scorer import Decisions, NumpyScorer, SetScorerNet, fit_scorer, widen_scorer
 
 from moe_env.errors import CheckpointError, UsageError
 from moe_env.policy import CacheView, ModelSpec, Policy, RouteEvent
@@ -181,11 +181,13 @@ class CheckpointScorerEviction(ScorerEviction):
 
 def load_scorer_net(ckpt: PolicyCheckpoint, where: str) -> SetScorerNet:
     """The set scorer of an imitation or shape-agnostic ppo checkpoint, refused if its features are not ours."""
-    saved = list(ckpt.config.get("features", []))
-    if saved != list(FEATURES):
+    saved = [str(name) for name in ckpt.config.get("features", [])]
+    if not saved or not set(saved) <= set(FEATURES) or len(set(saved)) != len(saved):
         raise CheckpointError(f"{where}: trained on features {saved}, this moe-env computes {list(FEATURES)}")
-    net = SetScorerNet(NUM_FEATURES, int(ckpt.config.get("hidden", 32)))
+    net = SetScorerNet(len(saved), int(ckpt.config.get("hidden", 32)))
     load_weights(net, ckpt, where)
+    if saved != list(FEATURES):  # trained before some columns were added: the same scorer on our wider rows
+        net = widen_scorer(net, [FEATURES.index(name) for name in saved], NUM_FEATURES)
     return net.eval()
 
 

@@ -36,6 +36,21 @@ class SetScorerNet(nn.Module):
         return self.body(((x - self.mean) / self.std).clamp(-CLIP, CLIP)).squeeze(-1)
 
 
+def widen_scorer(net: SetScorerNet, columns: list[int], num_features: int) -> SetScorerNet:
+    """The same function on wider rows: `net` read columns `columns` of a `num_features`-wide row; the others get
+    zero input weights and the ignored standardisation, so they cannot move a score (an older checkpoint, trained
+    before columns were added, scores the new rows as it scored its own)."""
+    wide = SetScorerNet(num_features, net.body[0].out_features)
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    index = torch.as_tensor(columns, dtype=torch.long)
+    mean, std = torch.zeros(num_features), torch.full((num_features,), IGNORED_STD)
+    mean[index], std[index] = state.pop("mean"), state.pop("std")
+    weight = torch.zeros(net.body[0].out_features, num_features)
+    weight[:, index] = state.pop("body.0.weight")
+    wide.load_state_dict(state | {"mean": mean, "std": std, "body.0.weight": weight}, strict=True)
+    return wide.eval()
+
+
 class NumpyScorer:
     """The same function as a SetScorerNet, in float64 numpy (bit-for-bit deterministic, no torch per call)."""
 

@@ -306,3 +306,65 @@ def test_budgets_per_model_width():
     wide = Trace(TraceMeta(model="w", num_layers=2, num_experts=64, top_k=6, source="test"), [])
     assert capacities_for(mixtral, config) == [3, 4, 5]
     assert capacities_for(wide, config) == [8, 16, 32]
+
+
+def test_checkpoint_of_fewer_columns_loads_and_scores_as_trained(trace, tmp_path):
+    """A checkpoint trained before columns were added (its features a subset of ours) scores our wider rows
+    exactly as it scored its own; one naming a column we do not compute is refused with one line."""
+    from moe_env.agents.checkpoint import load_checkpoint, save_checkpoint
+    from moe_env.agents.imitation import load_scorer_net
+    from moe_env.agents.set_scorer import SetScorerNet
+
+    data, _ = collect(trace, [3, 4], "lru", None, 0.0, 2000, None, seed=0)
+    old = list(FEATURES[:-3])  # the columns of the first shipped checkpoints
+    columns = [FEATURES.index(name) for name in old]
+    narrow = fit_scorer(Decisions(data.rows[:, columns], data.target, data.offsets), hidden=8, epochs=2, lr=1e-2,
+                        batch=64, seed=0)  # fmt: skip
+    path = save_imitation(narrow, ImitationConfig(hidden=8), ["synthetic"], tmp_path / "old.pt", {"needs": []})
+    ckpt = load_checkpoint(path, "imitation")
+    ckpt.config["features"] = old
+    ckpt.obs_size = len(old)
+    path = save_checkpoint(ckpt, tmp_path / "old.pt")
+    wide = load_scorer_net(load_checkpoint(path, "imitation"), str(path))
+    assert isinstance(wide, SetScorerNet) and wide.mean.shape == (len(FEATURES),)
+    rows = data.rows[:200].astype(np.float64)
+    shuffled = rows.copy()
+    shuffled[:, len(old) :] = np.random.default_rng(0).normal(size=(200, len(FEATURES) - len(old))) * 100
+    expected = NumpyScorer(narrow)(rows[:, columns])
+    np.testing.assert_allclose(NumpyScorer(wide)(shuffled), expected, rtol=1e-9, atol=1e-9)
+    assert simulate(trace, f"imitation:{path},tables=none", 4).hit_rate > 0
+    ckpt.config["features"] = [*old[:-1], "colour"]
+    foreign = save_checkpoint(ckpt, tmp_path / "foreign.pt")
+    with pytest.raises(CheckpointError, match="trained on features") as info:
+        ImitationPolicy(foreign)
+    assert "\n" not in str(info.value)
+
+
+def test_long_window_and_transition_mixture_features(trace):
+    """decay_long and seq_tokens follow their definitions; transition_mix is 0 before a use and favours the
+    experts that followed the layer's recent experts in the transition statistics."""
+    spec = model_spec(trace.meta)
+    features = CandidateFeatures(spec, 4)
+    cache = ExpertCacheState(spec, 4, make_policy("lru"))
+    first = features.layer_rows(0, cache)
+    assert (first[:, FEATURES.index("transition_mix")] == 0).all()
+    seq = trace.sequences[0]
+    long = np.zeros(spec.num_experts)
+    steps = 0
+    for routing in seq.routings():
+        for event in route_events(routing, 4):
+            features.update(event, cache.clock)
+            cache.route(event)
+            if event.layer == 0 and not event.prefill:
+                long *= 0.98
+                long[list(event.experts)] += 1
+                steps += 1
+    rows = features.layer_rows(0, cache)
+    np.testing.assert_allclose(rows[:, FEATURES.index("decay_long")], long * 0.02)
+    assert rows[0, FEATURES.index("seq_tokens")] == pytest.approx(math.log1p(steps) / math.log(257.0))
+    # transitions of layer 0 always lead to expert 5: it gets the highest mixture score
+    features.transition[0] = 0.0
+    features.transition[0, :, 5] = 50.0
+    features._version += 1
+    mix = features.layer_rows(0, cache)[:, FEATURES.index("transition_mix")]
+    assert int(np.argmax(mix)) == 5 and mix[5] > 0 > mix[0]

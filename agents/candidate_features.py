@@ -63,6 +63,9 @@ FEATURES: tuple[str, ...] = (
     "transition_mix",  # log odds-ratio of the mixture of P(e at t+1 | j) over j, weighted by j's decay_slow
 )
 NUM_FEATURES = len(FEATURES)
+# columns added for the eviction scorer after the prefetch predictor's were fixed (agents/set_predictor.py leaves
+# them out, so its checkpoints keep their width)
+EVICTION_COLUMNS: tuple[str, ...] = ("seq_tokens", "decay_long", "transition_mix")
 HIDEABLE: tuple[str, ...] = ("tokens", "gate weights", "gate logits", "lookahead")
 WINDOW = 8
 FAST, SLOW, LONG = 0.5, 0.9, 0.98

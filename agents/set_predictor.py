@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
-from moe_env.agents.candidate_features import FEATURES, SMOOTHING, CandidateFeatures, ModelTables
+from moe_env.agents.candidate_features import EVICTION_COLUMNS, FEATURES, SMOOTHING, CandidateFeatures, ModelTables
 from moe_env.agents.set_scorer import IGNORED_STD, NumpyScorer, SetScorerNet
 
 from moe_env.policy import ModelSpec, RouteEvent
@@ -35,7 +35,8 @@ from moe_env.trace import SequenceTrace, Trace
 
 # cache-dependent columns of candidate_features (the eviction policy's state): a routing prediction ignores them
 CACHE_COLUMNS = ("resident_age", "budget", "top_k_per_slot")
-BASE_COLUMNS = tuple(name for name in FEATURES if name not in CACHE_COLUMNS)
+# the eviction scorer's later columns are not the predictor's (its checkpoints fix their width)
+BASE_COLUMNS = tuple(name for name in FEATURES if name not in CACHE_COLUMNS and name not in EVICTION_COLUMNS)
 RANKED = ("transition", "coactivation", "token", "token_next", "lookahead_prob", "gate_prob", "decay_fast",
           "long_share")  # fmt: skip
 EXTRA_FEATURES = ("density", "last_token", *(f"rank_{name}" for name in RANKED))

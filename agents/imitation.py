@@ -244,13 +244,15 @@ class DecisionCollector(CandidateFeaturePolicy):
     def eviction_scores(self, layer: int, candidates: np.ndarray, cache: CacheView) -> np.ndarray:
         if len(candidates) == 1:
             return np.zeros(1)
-        next_use = np.array([cache.next_use(layer, int(e)) for e in candidates])
-        oracle = belady_labels(next_use)
         record = self.rng.random() < self.keep
+        # the oracle's distances only where they are used: most decisions are not recorded (subsampled)
+        next_use = None
+        if record or self.behaviour != "lru":
+            next_use = np.array([cache.next_use(layer, int(e)) for e in candidates])
         rows = self.features.rows(layer, candidates, cache) if record or self.behaviour == "learner" else None
         if record:
             self.rows.append(rows.astype(np.float32))
-            self.targets.append(oracle)
+            self.targets.append(belady_labels(next_use))
             self.distances.append(next_use.astype(np.float32))
         if self.behaviour == "belady":
             return -next_use
@@ -258,7 +260,7 @@ class DecisionCollector(CandidateFeaturePolicy):
             return cache.last_use(layer)[candidates].astype(np.float64)
         scores = self.scorer(rows)
         self.decisions += 1
-        self.agree += bool(oracle[int(np.argmin(scores))])
+        self.agree += bool(belady_labels(next_use)[int(np.argmin(scores))])
         if self.rng.random() < self.beta:
             return -next_use
         return scores

@@ -61,6 +61,7 @@ class ImitationConfig:
     soft_weight: float = 1.0  # weight of the softened Belady order (every candidate ranked by next use)
     temperature: float = 0.5
     horizon_tokens: float = 64.0  # next-use distances are capped at this many tokens
+    regret_weight: bool = False  # weight each decision by what a wrong choice costs (set_scorer.regret_weights)
     beta: float = 0.3  # share of a DAgger round's decisions taken by the oracle
     epochs: int = 8
     lr: float = 3e-3
@@ -383,7 +384,7 @@ def dagger(
         horizon = config.horizon_tokens * traces[0][0].meta.num_layers * traces[0][0].meta.top_k  # in accesses
         net = fit_scorer(pool, config.hidden, config.epochs, config.lr, config.batch_size, config.seed + round_index,
                          progress=progress, soft_weight=config.soft_weight, horizon=horizon,
-                         temperature=config.temperature)  # fmt: skip
+                         temperature=config.temperature, regret_weight=config.regret_weight)  # fmt: skip
         result = evaluate(net, round_index)
         assert isinstance(result, RoundResult)
         result.behaviour, result.decisions, result.pool = behaviour, fresh.size, pool.size

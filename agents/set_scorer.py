@@ -111,20 +111,38 @@ class Decisions:
 
 
 def listwise_loss(scores: torch.Tensor, target: torch.Tensor, seg: torch.Tensor, n: int,
-                  soft: torch.Tensor | None = None, soft_weight: float = 1.0) -> torch.Tensor:  # fmt: skip
+                  soft: torch.Tensor | None = None, soft_weight: float = 1.0,
+                  weight: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """Mean over decisions of -log P(evict one of the targets), P = softmax of -score over the decision's rows;
-    plus, with `soft` (per-row target probabilities summing to 1 per decision), the cross-entropy against them."""
+    plus, with `soft` (per-row target probabilities summing to 1 per decision), the cross-entropy against them.
+    `weight` [n]: per-decision weights of the mean (regret weighting), None: equal."""
     logits = -scores
     peak = torch.full((n,), -torch.inf).scatter_reduce(0, seg, logits.detach(), "amax")
     shifted = torch.exp(logits - peak[seg])
     every = torch.zeros(n).index_add(0, seg, shifted)
     chosen = torch.zeros(n).index_add(0, seg, shifted * target)
     log_every = torch.log(every)
-    loss = (log_every - torch.log(chosen.clamp_min(1e-30))).mean()
+    per_decision = log_every - torch.log(chosen.clamp_min(1e-30))
     if soft is not None:
         log_p = logits - peak[seg] - log_every[seg]
-        loss = loss - soft_weight * torch.zeros(n).index_add(0, seg, soft * log_p).mean()
-    return loss
+        per_decision = per_decision - soft_weight * torch.zeros(n).index_add(0, seg, soft * log_p)
+    if weight is None:
+        return per_decision.mean()
+    return (per_decision * weight).sum() / weight.sum().clamp_min(1e-12)
+
+
+def regret_weights(distance: np.ndarray, seg: np.ndarray, n: int, horizon: float) -> np.ndarray:
+    """Per decision, what a wrong choice costs: the mean over its candidates of 1 - log next-use distance over the
+    farthest one's (capped at `horizon`); 0 where every candidate is as good as Belady's (nothing to learn), near 1
+    where the farthest is far and the others are needed soon. Floored at 0.05 so no decision is dropped."""
+    x = np.log1p(np.minimum(distance, horizon))
+    peak = np.zeros(n)
+    np.maximum.at(peak, seg, x)
+    loss = 1.0 - x / np.maximum(peak[seg], 1e-12)
+    total, count = np.zeros(n), np.zeros(n)
+    np.add.at(total, seg, loss)
+    np.add.at(count, seg, 1.0)
+    return np.maximum(total / np.maximum(count, 1.0), 0.05)
 
 
 def soft_targets(distance: np.ndarray, seg: np.ndarray, n: int, horizon: float, temperature: float) -> np.ndarray:
@@ -144,7 +162,8 @@ Progress = Callable[[int, float], None]  # (epoch, mean loss)
 
 def fit_scorer(data: Decisions, hidden: int, epochs: int, lr: float, batch: int, seed: int,
                net: SetScorerNet | None = None, progress: Progress | None = None, soft_weight: float = 0.0,
-               horizon: float = 1e4, temperature: float = 0.5) -> SetScorerNet:  # fmt: skip
+               horizon: float = 1e4, temperature: float = 0.5,
+               regret_weight: bool = False) -> SetScorerNet:  # fmt: skip
     """Train (or continue training) a scorer on `data`; the feature standardisation is fixed from `data`."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -163,11 +182,14 @@ def fit_scorer(data: Decisions, hidden: int, epochs: int, lr: float, batch: int,
         for start in range(0, data.size, batch):
             chosen = order[start : start + batch]
             index, seg = data.select(chosen)
-            soft = None
+            soft = weight = None
             if soft_weight > 0 and data.distance is not None:
                 soft = torch.from_numpy(soft_targets(data.distance[index], seg, len(chosen), horizon, temperature))
                 soft = soft.float()
-            loss = listwise_loss(net(rows[index]), target[index], torch.from_numpy(seg), len(chosen), soft, soft_weight)
+            if regret_weight and data.distance is not None:
+                weight = torch.from_numpy(regret_weights(data.distance[index], seg, len(chosen), horizon)).float()
+            loss = listwise_loss(net(rows[index]), target[index], torch.from_numpy(seg), len(chosen), soft, soft_weight,
+                                 weight)  # fmt: skip
             opt.zero_grad()
             loss.backward()
             opt.step()

@@ -368,3 +368,25 @@ def test_long_window_and_transition_mixture_features(trace):
     features._version += 1
     mix = features.layer_rows(0, cache)[:, FEATURES.index("transition_mix")]
     assert int(np.argmax(mix)) == 5 and mix[5] > 0 > mix[0]
+
+
+def test_regret_weights_and_weighted_listwise_loss():
+    """A decision whose candidates are all as good as Belady's weighs the floor; one where the others are needed
+    at once weighs near 1; the weighted loss is the weighted mean of the per-decision losses."""
+    import torch
+    from moe_env.agents.set_scorer import listwise_loss, regret_weights
+
+    distance = np.array([np.inf, np.inf, np.inf, np.inf, 1.0, 1.0])
+    seg = np.array([0, 0, 0, 1, 1, 1])
+    weights = regret_weights(distance, seg, 2, horizon=1e4)
+    assert weights[0] == pytest.approx(0.05)
+    assert weights[1] == pytest.approx(2 / 3 * (1 - math.log(2) / math.log1p(1e4)))
+    scores = torch.tensor([0.3, -0.2, 0.5, 1.0, -1.0, 0.0])
+    target = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0, 0.0])
+    segment = torch.from_numpy(seg)
+    one = torch.zeros(3, dtype=torch.long)
+    each = [float(listwise_loss(scores[s], target[s], one, 1)) for s in (slice(0, 3), slice(3, 6))]
+    w = torch.tensor([1.0, 3.0])
+    expected = (each[0] * 1 + each[1] * 3) / 4
+    assert float(listwise_loss(scores, target, segment, 2, weight=w)) == pytest.approx(expected, rel=1e-6)
+    assert float(listwise_loss(scores, target, segment, 2)) == pytest.approx(sum(each) / 2, rel=1e-6)

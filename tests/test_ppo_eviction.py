@@ -135,7 +135,8 @@ def test_env_refuses_actions_outside_its_space(trace):
 
 def _untrained_ppo(env: EvictionDecisionEnv) -> PPO:
     net = load_scorer_net(load_checkpoint(shipped_imitation_path(), "imitation"), "imitation")
-    model = PPO(SetScorerPolicy, env, n_steps=64, batch_size=32, device="cpu", policy_kwargs={"hidden": 32}, seed=0)
+    hidden = net.body[0].out_features  # the shipped scorer's width
+    model = PPO(SetScorerPolicy, env, n_steps=64, batch_size=32, device="cpu", policy_kwargs={"hidden": hidden}, seed=0)
     model.policy.scorer.load_state_dict(net.state_dict())
     return model
 

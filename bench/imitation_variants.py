@@ -1,0 +1,100 @@
+"""Imitation variants on one decision pool: feature ablations, scorer width, loss settings, gap on validation.
+
+Collects round 0 of the imitation training once (LRU's states of PROMPTS training sequences at the given budgets,
+Belady's labels, signal dropout and table-free share as the shipped config; with the shipped model tables of the
+trace's shape) into --pool (reused when it exists), then fits one scorer per variant on that same pool and prints
+each one's gap captured ((hit - LRU) / (Belady - LRU)) on the validation trace, one JSON line per variant. A variant
+is a JSON object of fit settings (hidden, epochs, lr, batch, soft_weight, temperature, horizon_tokens,
+regret_weight) and "drop": feature columns zeroed in training (constant, so the scorer ignores them).
+
+    .venv/bin/python bench/imitation_variants.py --train '../shared/traces/dsv2lite-puffin#id=1-800' \\
+        --validation '../shared/traces/dsv2lite-puffin#id=801-830' --prompts 120 --pool runs/pool-n120.npz \\
+        --variants '{"drop": ["seq_tokens", "decay_long", "transition_mix"]}' '{}' '{"hidden": 64, "epochs": 16}'
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np
+import torch
+from moe_env.agents.candidate_features import FEATURES
+from moe_env.agents.imitation import ScorerEviction, collect, replay, subsample
+from moe_env.agents.model_tables import find_shipped_tables
+from moe_env.agents.set_scorer import Decisions, NumpyScorer, fit_scorer
+
+from moe_env.sim import model_spec, simulate
+from moe_env.trace import load_trace
+
+FIT_DEFAULTS = {"hidden": 32, "epochs": 8, "lr": 3e-3, "batch": 512, "soft_weight": 3.0, "temperature": 1.0,
+                "horizon_tokens": 64.0, "regret_weight": False, "drop": []}  # fmt: skip
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--train", required=True, help="training traces spec")
+    p.add_argument("--validation", required=True, help="validation traces spec")
+    p.add_argument("--prompts", type=int, default=120, help="training sequences drawn for the pool")
+    p.add_argument("--decisions", type=int, default=150_000, help="decisions recorded (split over the budgets)")
+    p.add_argument("--capacities", default="8,16,32", help="budgets of the pool (slots per layer)")
+    p.add_argument("--eval-capacities", default="16,32", help="budgets of the validation gap")
+    p.add_argument("--pool", required=True, help="the pool .npz (collected when absent)")
+    p.add_argument("--variants", nargs="+", default=["{}"], help="JSON objects of fit settings")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def pool_of(args: argparse.Namespace) -> Decisions:
+    path = Path(args.pool)
+    if not path.is_file():
+        trace = load_trace(args.train)
+        chosen = subsample(trace, args.prompts, args.seed)
+        capacities = [int(c) for c in args.capacities.split(",")]
+        tables = find_shipped_tables(model_spec(trace.meta))
+        data, _ = collect(chosen, capacities, "lru", None, 0.0, args.decisions, tables, args.seed, 0.25, 0.2)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(path, rows=data.rows, target=data.target, offsets=data.offsets, distance=data.distance)
+    with np.load(path) as z:
+        return Decisions(z["rows"], z["target"], z["offsets"], z["distance"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(1)
+    pool = pool_of(args)
+    validation = load_trace(args.validation)
+    meta = validation.meta
+    tables = find_shipped_tables(model_spec(meta))
+    capacities = [int(c) for c in args.eval_capacities.split(",")]
+    references = {c: (simulate(validation, "lru", c).hit_rate, simulate(validation, "belady", c).hit_rate)
+                  for c in capacities}  # fmt: skip
+    for text in args.variants:
+        settings = FIT_DEFAULTS | json.loads(text)
+        rows = pool.rows.copy()
+        for name in settings["drop"]:
+            rows[:, FEATURES.index(name)] = 0.0
+        started = time.perf_counter()
+        net = fit_scorer(Decisions(rows, pool.target, pool.offsets, pool.distance), settings["hidden"],
+                         settings["epochs"], settings["lr"], settings["batch"], args.seed,
+                         soft_weight=settings["soft_weight"],
+                         horizon=settings["horizon_tokens"] * meta.num_layers * meta.top_k,
+                         temperature=settings["temperature"], regret_weight=settings["regret_weight"])  # fmt: skip
+        scorer = NumpyScorer(net)
+        gaps = {}
+        for c in capacities:
+            lru, belady = references[c]
+            hit = replay(validation, ScorerEviction(scorer, tables), c).hit_rate
+            gaps[c] = round((hit - lru) / (belady - lru), 4) if belady > lru else None
+        print(json.dumps({"variant": json.loads(text), "decisions": pool.size, "gap_captured": gaps,
+                          "seconds": round(time.perf_counter() - started)}), flush=True)  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

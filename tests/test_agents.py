@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +13,7 @@ from moe_env.agents.checkpoint import load_checkpoint, save_checkpoint, shipped_
 from moe_env.agents.ppo import PPOConfig, PPOPolicy, actor_critic, save_ppo_policy
 from moe_env.agents.predictor import PredictorConfig, PredictorPolicy, collect_samples, save_predictor, train_predictor
 from moe_env.agents.prior import ScorePrior
+from script_modules import load_script
 from test_env import synthetic_trace
 
 from moe_env.env import MoEOffloadEnv, rollout
@@ -23,7 +22,6 @@ from moe_env.policy import make_policy
 from moe_env.sim import simulate
 from moe_env.trace import save_trace
 
-ROOT = Path(__file__).resolve().parents[1]
 # plug-in names of the checkpoint kinds tested here: the flat (tiny-mixtral only) predictor is "flat-predictor"; the
 # shape-agnostic prefetch predictor ("predictor") is tested in tests/test_learned_predictor.py
 SPEC = {"predictor": "flat-predictor", "ppo": "ppo"}
@@ -176,10 +174,7 @@ def test_shipped_predictor_loads_for_tiny_mixtral():
 
 
 def _script(name: str):
-    spec = importlib.util.spec_from_file_location(f"train_{name}", ROOT / "train" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(f"train/{name}.py")
 
 
 def test_train_ppo_script_end_to_end_and_resume(trace, tmp_path, capsys):

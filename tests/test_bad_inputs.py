@@ -6,7 +6,6 @@ subprocesses where the process boundary matters (SystemExit, Ctrl-C, the install
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import os
@@ -24,6 +23,7 @@ from pathlib import Path
 import gymnasium as gym
 import numpy as np
 import pytest
+from script_modules import load_script
 
 from moe_env.cli import main
 from moe_env.env import ENV_ID, LiveMoEOffloadEnv, MoEOffloadEnv
@@ -553,10 +553,7 @@ def test_cli_bad_input(case: Case, inputs, workdir, capsys, request):
 
 @pytest.fixture(scope="module")
 def pretrain_main():
-    spec = importlib.util.spec_from_file_location("pretrain_script", REPO / "train" / "pretrain.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    return load_script("train/pretrain.py").main
 
 
 @pytest.mark.parametrize("case", PRETRAIN_CASES, ids=[c.id for c in PRETRAIN_CASES])

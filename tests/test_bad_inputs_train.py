@@ -3,11 +3,11 @@ the problem, no traceback, nothing written (no run directory, no checkpoint, no 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+from script_modules import load_script
 from test_env import synthetic_trace
 
 from moe_env.trace import save_trace
@@ -17,10 +17,7 @@ READ_ONLY = "/proc/moe-env-test-output"  # not writable even by root (permission
 
 
 def _script(name: str):
-    spec = importlib.util.spec_from_file_location(f"train_{name}_bad", ROOT / "train" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(f"train/{name}.py")
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ from moe_env.agents.imitation import (
 )
 from moe_env.agents.model_tables import build_tables, load_tables, save_tables
 from moe_env.agents.set_scorer import CLIP, Decisions, NumpyScorer, agreement, fit_scorer
+from script_modules import load_script
 from test_env import synthetic_trace
 
 from moe_env.cache import ExpertCacheState
@@ -191,22 +192,18 @@ def test_shipped_imitation_policy_runs_everywhere():
             target = load_trace(spec)
         capacity = target.meta.top_k + 2
         result = simulate(target, policy, capacity)
-        assert result.hits + result.misses == simulate(target, "lru", capacity).hits + simulate(
-            target, "lru", capacity
-        ).misses
+        assert (
+            result.hits + result.misses
+            == simulate(target, "lru", capacity).hits + simulate(target, "lru", capacity).misses
+        )
 
 
 def test_train_script_runs_resumes_and_refuses_bad_input(trace, tmp_path, capsys):
-    import importlib.util
     import json
-    from pathlib import Path
 
     from moe_env.trace import save_trace
 
-    root = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("train_imitation", root / "train" / "imitation.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("train/imitation.py")
     data = save_trace(trace, tmp_path / "t.npz")
     config = tmp_path / "c.json"
     config.write_text(json.dumps({"rounds": 1, "epochs": 1, "hidden": 8, "max_decisions_per_round": 500}))

@@ -3,7 +3,6 @@ the cost-aware prefetch rule, and the training script end to end (with resume)."
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -21,14 +20,13 @@ from moe_env.agents.prefetch_predictor import (
 )
 from moe_env.agents.set_predictor import new_net, prediction_quality, train_epoch
 from moe_env.agents.set_scorer import NumpyScorer
+from script_modules import load_script
 from test_env import synthetic_trace
 
 from moe_env.errors import CheckpointError
 from moe_env.policy import CombinedPolicy, make_policy
 from moe_env.sim import simulate
 from moe_env.trace import Trace, builtin_trace_names, load_trace, save_trace
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _train_small(trace: Trace, path: Path, needs: list[str] | None = None, epochs: int = 2) -> Path:
@@ -200,10 +198,7 @@ def test_prediction_quality_reports_every_method_per_layer(small_predictor):
 
 
 def _script(name: str):
-    spec = importlib.util.spec_from_file_location(f"train_{name}_set", ROOT / "train" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(f"train/{name}.py")
 
 
 def test_train_predictor_script_end_to_end_and_resume(tmp_path, capsys):

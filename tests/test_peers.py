@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
+from script_modules import load_script
 
-ROOT = Path(__file__).resolve().parent.parent
 KEYS = {
     "model",
     "config",
@@ -24,10 +22,7 @@ KEYS = {
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_peers", ROOT / "bench" / "peers.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench/peers.py")
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ with resume on a tiny trace."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from moe_env.agents.imitation import ImitationPolicy, load_scorer_net, shipped_i
 from moe_env.agents.ppo import PPOPolicy, ResidualPPOPolicy, save_eviction_ppo, shipped_ppo_path
 from moe_env.agents.ppo_scorer import SetScorerPolicy
 from moe_env.agents.set_scorer import NumpyScorer
+from script_modules import load_script
 from stable_baselines3 import PPO
 from test_env import synthetic_trace
 
@@ -196,10 +196,7 @@ def test_a_residual_checkpoint_by_path_builds_the_residual_policy(tmp_path):
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("train_ppo_evict", ROOT / "train" / "ppo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("train/ppo.py")
 
 
 def test_train_script_with_the_default_config_trains_and_resumes(tmp_path, capsys):

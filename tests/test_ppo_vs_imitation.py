@@ -3,7 +3,6 @@ result reused, and the reused rows equal what a replay of that checkpoint gives.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -14,6 +13,7 @@ from moe_env.agents.checkpoint import load_checkpoint
 from moe_env.agents.imitation import load_scorer_net, shipped_imitation_path
 from moe_env.agents.ppo import PPOPolicy, save_eviction_ppo
 from moe_env.agents.traces import load_traces
+from script_modules import load_script
 from test_env import synthetic_trace
 
 from moe_env.sim import simulate
@@ -23,10 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("ppo_vs_imitation", ROOT / "bench" / "ppo_vs_imitation.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench/ppo_vs_imitation.py")
 
 
 def test_equal_weights_are_replayed_once_and_the_rows_match_a_direct_replay(tmp_path, capsys):

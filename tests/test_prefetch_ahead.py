@@ -19,6 +19,7 @@ from moe_env.agents.set_predictor import (
     predict_ahead,
     soft_coactivation,
 )
+from script_modules import load_script
 from test_env import synthetic_trace
 from test_learned_predictor import _shapes, _train_small, _with_tokens
 
@@ -202,14 +203,7 @@ def test_ahead_quality_per_distance_on_held_out_prompts(deep_predictor):
 
 
 def _predictor_script():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "train" / "predictor.py"
-    spec = importlib.util.spec_from_file_location("train_predictor_ahead", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("train/predictor.py")
 
 
 def test_calibrate_only_chooses_threshold_horizon_and_budget_into_a_copy(deep_predictor, tmp_path, capsys):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import torch
 from moe_env.agents.ppo import PPOConfig
 from moe_env.agents.ppo_train import train_ppo
 from moe_env.agents.tune import TuneConfig, load_tune_config
+from script_modules import load_script
 from stable_baselines3 import PPO
 from test_env import synthetic_trace
 
@@ -22,10 +22,7 @@ SMALL = {"n_steps": 32, "batch_size": 32, "n_epochs": 1, "net_arch": [16], "prio
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("train_ppo_script", ROOT / "train" / "ppo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("train/ppo.py")
 
 
 def test_subprocess_env_workers_train_exactly_as_in_process(tmp_path):

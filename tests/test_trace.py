@@ -293,6 +293,8 @@ def test_joined_checks_name_the_same_first_problem_as_one_by_one(which: int, ste
     seq = trace.sequences[which]
     experts = seq.experts
     step = step % len(experts)
+    if experts[step, layer, 0] < 0:  # make_sequence leaves one cell absent: flaw a routed cell instead
+        layer = (layer + 1) % LAYERS
     if flaw == "repeat":
         experts[step, layer] = experts[step, layer, 0]
     elif flaw == "partly absent":

@@ -9,13 +9,13 @@ num_experts, top_k), ``capacity``, ``obs_size``, ``config`` (the network's hyper
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from moe_env.atomic import atomic_write
 from moe_env.errors import CheckpointError
 from moe_env.policy import ModelSpec
 
@@ -64,22 +64,14 @@ def spec_dict(spec: ModelSpec) -> dict[str, Any]:
 
 def save_checkpoint(ckpt: PolicyCheckpoint, path: str | os.PathLike) -> Path:
     """Atomic write (a crash never leaves a half-written policy)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = Path(path)  # atomic_write makes the directory
     payload = {
         "format": FORMAT, "version": VERSION, "kind": ckpt.kind, "model": dict(ckpt.model),
         "capacity": int(ckpt.capacity), "obs_size": int(ckpt.obs_size), "config": dict(ckpt.config),
         "state_dict": {k: v.detach().cpu().clone() for k, v in ckpt.state_dict.items()},
     }  # fmt: skip
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a shipped policy must be readable by all
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_write(path, mode=0o644) as handle:  # a shipped policy must be readable by all
+        torch.save(payload, handle)
     return path
 
 

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import zlib
 from pathlib import Path
 
 import numpy as np
 from moe_env.agents.candidate_features import ModelTables, token_key
 
+from moe_env.atomic import atomic_write
 from moe_env.errors import CheckpointError
 from moe_env.policy import ModelSpec
 from moe_env.trace import SequenceTrace, Trace
@@ -132,19 +132,11 @@ def _crc(arrays: dict[str, np.ndarray]) -> int:
 
 def save_tables(tables: ModelTables, path: str | os.PathLike, model: str = "") -> Path:
     """Atomic, compressed, with a CRC of the arrays."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = Path(path)  # atomic_write makes the directory
     arrays = _stored(tables)
     header = {"format": FORMAT, "model": model, "shape": list(tables.shape), "crc": _crc(arrays)}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".npz")
-    os.close(fd)
-    try:
-        np.savez_compressed(tmp, header=np.array(json.dumps(header)), **arrays)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_write(path, mode=0o644) as handle:
+        np.savez_compressed(handle, header=np.array(json.dumps(header)), **arrays)
     return path
 
 

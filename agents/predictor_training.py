@@ -10,8 +10,6 @@ Validation rows use tables of the whole training split, as deployment does.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +30,7 @@ from moe_env.agents.set_predictor import (
 )
 from moe_env.agents.set_scorer import SetScorerNet
 
+from moe_env.atomic import atomic_write
 from moe_env.errors import CheckpointError
 from moe_env.sim import model_spec
 from moe_env.trace import Trace
@@ -96,14 +95,8 @@ _ARRAYS = ("rows", "truth", "previous", "layer", "has_previous", "has_token")
 
 def save_samples(samples: PredictionSamples, path: Path) -> Path:
     """Atomic: a crash mid-write leaves the previous file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".npz")
-    os.close(fd)
-    try:
-        np.savez(tmp, **{name: getattr(samples, name) for name in _ARRAYS})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_write(path, mode=0o600) as handle:  # the run's own resume state, private as before
+        np.savez(handle, **{name: getattr(samples, name) for name in _ARRAYS})
     return path
 
 

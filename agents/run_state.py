@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from moe_env.agents.checkpoint import load_checkpoint, load_weights
 from moe_env.agents.set_scorer import Decisions, SetScorerNet
 
+from moe_env.atomic import atomic_write
 from moe_env.errors import CheckpointError
 
 KIND = "imitation"
@@ -18,15 +17,9 @@ KIND = "imitation"
 def save_pool(run_dir: Path, pool: Decisions) -> Path:
     """Atomic: a crash mid-write leaves the previous pool."""
     path = run_dir / "pool.npz"
-    fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=".pool.", suffix=".npz")
-    os.close(fd)
-    try:
-        distance = pool.distance if pool.distance is not None else np.full(len(pool.rows), np.inf, np.float32)
-        np.savez(tmp, rows=pool.rows, target=pool.target, offsets=pool.offsets, distance=distance)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    distance = pool.distance if pool.distance is not None else np.full(len(pool.rows), np.inf, np.float32)
+    with atomic_write(path, mode=0o600) as handle:  # the run's own resume state, private as before
+        np.savez(handle, rows=pool.rows, target=pool.target, offsets=pool.offsets, distance=distance)
     return path
 
 

@@ -25,11 +25,12 @@ from moe_env.agents.candidate_features import NUM_FEATURES, ModelTables
 from moe_env.agents.imitation import CandidateFeaturePolicy
 
 from moe_env.cache import ExpertCacheState
+from moe_env.env import env_trace
 from moe_env.errors import InvalidArgument, UsageError
 from moe_env.policy import CacheView, RouteEvent
 from moe_env.routing import route_events
 from moe_env.sim import TraceOracle, model_spec, simulate
-from moe_env.trace import SequenceTrace, Trace, load_trace
+from moe_env.trace import SequenceTrace, Trace
 
 ENV_ID = "moe_env/EvictionDecision-v0"  # registered by moe_env/__init__.py
 REWARDS = ("belady", "regret", "misses")
@@ -130,10 +131,7 @@ class EvictionDecisionEnv(gym.Env):
     ):
         if reward not in REWARDS:
             raise UsageError(f"unknown reward {reward!r} for the eviction env; choose one of {', '.join(REWARDS)}")
-        if isinstance(trace, str):
-            trace = load_trace(trace)
-        if not trace.sequences:
-            raise UsageError("the trace holds no sequences")
+        trace = env_trace(trace)
         meta = trace.meta
         self.trace = trace
         self.model_spec = model_spec(meta)

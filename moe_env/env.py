@@ -282,10 +282,7 @@ class MoEOffloadEnv(gym.Env):
         sequences in order through one cache (a request stream; cold again when it wraps around)."""
         if reward not in REWARDS:
             raise UsageError(f"unknown reward {reward!r}; choose one of {', '.join(REWARDS)}")
-        if isinstance(trace, str):
-            trace = load_trace(trace)
-        if not trace.sequences:
-            raise UsageError("the trace holds no sequences")
+        trace = env_trace(trace)
         meta = trace.meta
         self.trace = trace
         self.cost = cost_model_for(meta, profile)
@@ -438,6 +435,15 @@ class EpisodeStats:
     def hit_rate(self) -> float:
         total = self.hits + self.misses
         return self.hits / total if total else 0.0
+
+
+def env_trace(trace: Trace | str) -> Trace:
+    """The trace a replay env runs: a Trace, or a spec loaded (moe_env.trace.load_trace); refused without sequences."""
+    if isinstance(trace, str):
+        trace = load_trace(trace)
+    if not trace.sequences:
+        raise UsageError("the trace holds no sequences")
+    return trace
 
 
 def env_allocation(

@@ -22,7 +22,8 @@ from script_modules import load_script
 from stable_baselines3 import PPO
 from test_env import synthetic_trace
 
-from moe_env.errors import InvalidArgument
+from moe_env.env import MoEOffloadEnv
+from moe_env.errors import InvalidArgument, UsageError
 from moe_env.policy import make_policy
 from moe_env.sim import simulate
 from moe_env.trace import Trace, save_trace
@@ -226,3 +227,11 @@ def test_train_script_with_the_default_config_trains_and_resumes(tmp_path, capsy
     capsys.readouterr()
     assert PPO.load(run_dir / "checkpoints" / "last.zip").num_timesteps >= 512 > first
     assert len((run_dir / "command.txt").read_text().splitlines()) == 2
+
+
+@pytest.mark.parametrize("make", [EvictionDecisionEnv, MoEOffloadEnv], ids=["eviction", "replay"])
+def test_an_empty_trace_is_refused_in_one_line(make):
+    empty = Trace(synthetic_trace().meta, [])
+    with pytest.raises(UsageError, match="the trace holds no sequences") as info:
+        make(empty)
+    assert len(str(info.value).splitlines()) == 1

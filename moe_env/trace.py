@@ -259,19 +259,22 @@ def _has_repeat(experts: np.ndarray, absent: np.ndarray) -> bool:
 def validate_trace(trace: Trace, where: str = "trace") -> None:
     """Raise TraceFormatError if `trace` is not a consistent trace (the same checks as reading a file).
 
-    The value checks run once over every sequence's arrays joined (numpy's per-call cost, paid per sequence,
-    was most of an import of many short sequences); only when they fail are the sequences checked one by one,
-    so the error still names the first bad sequence and cell."""
+    The id arrays are checked once over every sequence's arrays joined (numpy's per-call cost, paid per
+    sequence, was most of an import of many short sequences); the float arrays, the large ones (logits are
+    [T, L, E]), per sequence, so no copy of them is made. Only when a check fails are the sequences checked one
+    by one, so the error still names the first bad sequence and cell."""
     _check_meta(trace.meta, where)
     for i, seq in enumerate(trace.sequences):
         _check_layout(seq, trace.meta, f"{where}: sequence {i}")
     per_sequence = [_sequence_arrays(seq) for seq in trace.sequences]
-    names = {name for arrays in per_sequence for name in arrays}
+    ids = {name for arrays in per_sequence for name in arrays if _ARRAYS[name][0] == "int"}
     joined = {
-        name: np.concatenate([arrays[name] for arrays in per_sequence if name in arrays]) for name in names
+        name: np.concatenate([arrays[name] for arrays in per_sequence if name in arrays]) for name in ids
     }  # dtypes may differ between sequences (int16/int32 ids): concatenate promotes, which keeps every value
     try:
         _check_values(joined, trace.meta, where)
+        for arrays in per_sequence:
+            _check_values({name: a for name, a in arrays.items() if name not in ids}, trace.meta, where)
     except TraceFormatError:
         for i, arrays in enumerate(per_sequence):
             _check_values(arrays, trace.meta, f"{where}: sequence {i}")

@@ -2,7 +2,9 @@
 
 ``load_config(cls, path, overrides, positive)`` reads a JSON object into the dataclass `cls`: unknown keys, a
 wrongly typed field (``"total_timesteps": "many"``, ``"epochs": "x"``) and a value that must be positive but is not
-(``epochs: 0``, ``--total-timesteps 0``) raise UsageError naming the file, the field and what it takes.
+(``epochs: 0``, ``--total-timesteps 0``) raise UsageError naming the file, the field and what it takes. Keys that
+start with ``_`` are comments (``"_comment": "..."``). ``config_from_dict`` rebuilds a config stored in a checkpoint
+or a run directory with the same unknown-key check.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ def load_config(
     ignore: tuple[str, ...] = (),
 ) -> T:
     """`cls` from the JSON object in `path`, then `overrides` (command-line values; None = not given) applied.
-    Keys in `ignore` are dropped (run metadata stored next to the config); fields in `positive` must be > 0."""
+    Keys in `ignore` (run metadata stored next to the config) and comment keys (``_...``) are dropped; fields in
+    `positive` must be > 0."""
     path = Path(path)
     try:
         values = json.loads(path.read_text())
@@ -37,11 +40,8 @@ def load_config(
         raise UsageError(f"config {path} is not valid JSON ({exc})") from None
     if not isinstance(values, dict):
         raise UsageError(f"config {path} must hold a JSON object of {cls.__name__} fields")
-    values = {k: v for k, v in values.items() if k not in ignore}
-    known = {f.name: f for f in fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(set(values) - set(known))
-    if unknown:
-        raise UsageError(f"config {path}: unknown field(s) {', '.join(unknown)} (known: {', '.join(known)})")
+    values = {k: v for k, v in values.items() if k not in ignore and not k.startswith("_")}
+    _check_known(cls, values, f"config {path}")
     values |= {k: v for k, v in (overrides or {}).items() if v is not None}
     hints = typing.get_type_hints(cls)
     for name, value in values.items():
@@ -54,6 +54,19 @@ def load_config(
         if value is not None and not value > 0:
             raise UsageError(f"{name} must be > 0, got {value!r} (nothing would be trained)")
     return cls(**values)
+
+
+def config_from_dict(cls: type[T], values: dict[str, Any], where: str) -> T:
+    """`cls` from `values` (a config saved by a run or in a checkpoint); unknown keys are refused in one line."""
+    _check_known(cls, values, where)
+    return cls(**values)
+
+
+def _check_known(cls: type, values: dict[str, Any], where: str) -> None:
+    known = [f.name for f in fields(cls)]
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise UsageError(f"{where}: unknown field(s) {', '.join(unknown)} (known: {', '.join(known)})")
 
 
 def _matches(value: Any, expected: Any) -> bool:

@@ -33,10 +33,11 @@ from moe_env.agents.candidate_features import (
     event_token,
 )
 from moe_env.agents.checkpoint import PolicyCheckpoint, load_checkpoint, load_weights, save_checkpoint
+from moe_env.agents.configs import config_from_dict
 from moe_env.agents.model_tables import find_shipped_tables, load_tables
 from moe_env.agents.set_scorer import Decisions, NumpyScorer, SetScorerNet, fit_scorer, widen_scorer
 
-from moe_env.errors import CheckpointError, UsageError
+from moe_env.errors import CheckpointError
 from moe_env.policy import CacheView, ModelSpec, Policy, RouteEvent
 from moe_env.sim import Replayer, cost_model_for
 from moe_env.trace import Trace
@@ -83,10 +84,7 @@ class ImitationConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ImitationConfig:
-        unknown = sorted(set(values) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise UsageError(f"unknown imitation config keys: {', '.join(unknown)}")
-        return cls(**values)
+        return config_from_dict(cls, values, "imitation config")
 
 
 def default_capacities(num_experts: int, top_k: int) -> list[int]:

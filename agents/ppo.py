@@ -29,6 +29,7 @@ from moe_env.agents.checkpoint import (
     save_checkpoint,
     spec_dict,
 )
+from moe_env.agents.configs import config_from_dict
 from moe_env.agents.imitation import CheckpointScorerEviction
 from moe_env.agents.learned import LearnedPolicy, check_obs_size
 from moe_env.agents.predictor import copy_ratio
@@ -81,13 +82,7 @@ class PPOConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> PPOConfig:
-        from moe_env.errors import UsageError
-
-        known = {f for f in cls.__dataclass_fields__}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise UsageError(f"unknown PPO config keys: {', '.join(unknown)}")
-        return cls(**values)
+        return config_from_dict(cls, values, "PPO config")
 
 
 class ResidualActionWrapper(gym.Wrapper):

@@ -1,5 +1,6 @@
-"""Bad inputs of train/ppo.py and train/predictor.py: refused BEFORE any training with exit code 2, one line naming
-the problem, no traceback, nothing written (no run directory, no checkpoint, no shipped file)."""
+"""Bad inputs of train/ppo.py, train/predictor.py and train/imitation.py: refused BEFORE any training with exit
+code 2, one line naming the problem, no traceback, nothing written (no run directory, no checkpoint, no shipped
+file)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ def _script(name: str):
 
 @pytest.fixture(scope="module")
 def scripts():
-    return {name: _script(name) for name in ("ppo", "predictor")}
+    return {name: _script(name) for name in ("ppo", "predictor", "imitation")}
 
 
 @pytest.fixture
@@ -40,6 +41,8 @@ def inputs(tmp_path: Path, monkeypatch) -> dict[str, str]:
         "hidden_float": {"hidden": 1.5},
         "lr_negative": {"lr": -1.0},
         "gamma_bool": {"gamma": True},
+        "rounds_zero": {"_comment": "comments are allowed", "rounds": 0},
+        "capacities_text": {"capacities": "8,16"},
     }
     paths = {"trace": str(trace), "other": str(other), "dir": str(directory), "file": str(trace),
              "residual": str(ROOT / "train" / "configs" / "ppo-residual.json")}  # fmt: skip
@@ -110,6 +113,14 @@ PREDICTOR_CASES = [
     ("eval-is-training", ["--traces", "{trace}", "--eval-traces", "{trace}"], "every evaluation sequence is a"),
     ("bad-selection", ["--traces", "{trace}#1-0"], "range 1-0 runs backwards"),
 ]
+IMITATION_CASES = [
+    ("config-string-epochs", ["--config", "{epochs_x}"], "epochs must be an integer, got 'x'"),
+    ("config-unknown-key", ["--config", "{unknown}"], "unknown field(s) no_such_field"),
+    ("config-rounds-zero", ["--config", "{rounds_zero}"], "rounds must be > 0, got 0"),
+    ("config-capacities-text", ["--config", "{capacities_text}"], "capacities must be a list of integers or null"),
+    ("config-not-json", ["--config", "{not_json}"], "is not valid JSON"),
+    ("epochs-zero", ["--epochs", "0"], "epochs must be > 0, got 0"),
+]
 
 
 def _listing(root: Path) -> set[str]:
@@ -119,7 +130,8 @@ def _listing(root: Path) -> set[str]:
 @pytest.mark.parametrize(
     ("script", "args", "message"),
     [pytest.param("ppo", a, m, id=f"ppo-{i}") for i, a, m in PPO_CASES]
-    + [pytest.param("predictor", a, m, id=f"predictor-{i}") for i, a, m in PREDICTOR_CASES],
+    + [pytest.param("predictor", a, m, id=f"predictor-{i}") for i, a, m in PREDICTOR_CASES]
+    + [pytest.param("imitation", a, m, id=f"imitation-{i}") for i, a, m in IMITATION_CASES],
 )
 def test_bad_input_is_refused_before_training(scripts, inputs, tmp_path, capsys, script, args, message):
     argv = [a.format(**inputs) for a in args]

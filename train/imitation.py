@@ -23,6 +23,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from moe_env.agents import configs
 from moe_env.agents.imitation import (
     ImitationConfig,
     RoundResult,
@@ -63,15 +64,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def load_config(args: argparse.Namespace, run_dir: Path) -> ImitationConfig:
     path = run_dir / "config.json" if args.resume else Path(args.config)
-    try:
-        values = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UsageError(f"cannot read config {path}: {exc}") from None
-    config = ImitationConfig.from_dict({k: v for k, v in values.items() if not k.startswith("_")})
-    for name in ("rounds", "epochs", "seed"):
-        if getattr(args, name) is not None:
-            setattr(config, name, getattr(args, name))
-    return config
+    overrides = {name: getattr(args, name) for name in ("rounds", "epochs", "seed")}
+    return configs.load_config(ImitationConfig, path, overrides, positive=("rounds", "epochs"))
 
 
 def _main(argv: list[str] | None) -> int:

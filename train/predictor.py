@@ -101,7 +101,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def _config(args: argparse.Namespace, run_dir: Path) -> SetPredictorConfig:
     path = run_dir / "config.json" if args.resume else Path(args.config)
     overrides = {"epochs": args.epochs, "seed": args.seed}
-    config = load_config(SetPredictorConfig, path, overrides, POSITIVE, ignore=("_comment",))
+    config = load_config(SetPredictorConfig, path, overrides, POSITIVE)
     config.check()
     return config
 

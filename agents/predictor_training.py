@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 from moe_env.agents.candidate_features import ModelTables
-from moe_env.agents.checkpoint import load_checkpoint, load_weights
 from moe_env.agents.model_tables import build_tables
 from moe_env.agents.prefetch_predictor import KIND, PredictorPrefetch, SetPredictorConfig
+from moe_env.agents.run_state import load_latest
 from moe_env.agents.set_predictor import (
     NUM_PREDICTOR_FEATURES,
     PredictionFeatures,
@@ -118,13 +118,7 @@ def load_samples(path: Path) -> PredictionSamples:
 
 def load_epoch(run_dir: Path) -> tuple[int, SetScorerNet | None, list[dict]]:
     """(next epoch, the last epoch's network, the epochs' history) of a run directory."""
-    epochs = sorted(run_dir.glob("epoch-*.pt"), key=lambda p: int(p.stem.split("-")[1]))
-    if not epochs:
-        return 0, None, []
-    ckpt = load_checkpoint(epochs[-1], KIND)
-    net = SetScorerNet(NUM_PREDICTOR_FEATURES, int(ckpt.config.get("hidden", 32)))
-    load_weights(net, ckpt, epochs[-1])
-    return int(ckpt.config["epoch"]) + 1, net, list(ckpt.config.get("history", []))
+    return load_latest(run_dir, "epoch", KIND, width=NUM_PREDICTOR_FEATURES)
 
 
 def cache_figures(trace: Trace, path: Path, tables: ModelTables | None, capacity: int,

@@ -1,4 +1,5 @@
-"""Resume state of an imitation run: the decision pool and the latest round's scorer, in the run directory."""
+"""Resume state of a training run: the imitation decision pool, and the latest numbered checkpoint of a run
+directory (imitation rounds, predictor epochs)."""
 
 from __future__ import annotations
 
@@ -36,11 +37,18 @@ def load_pool(run_dir: Path) -> Decisions:
 
 
 def load_round(run_dir: Path) -> tuple[int, SetScorerNet | None, list[dict]]:
-    """(next round to run, the last round's scorer, the rounds' history) of a run directory."""
-    rounds = sorted(run_dir.glob("round-*.pt"), key=lambda p: int(p.stem.split("-")[1]))
-    if not rounds:
+    """(next round to run, the last round's scorer, the rounds' history) of an imitation run directory."""
+    return load_latest(run_dir, "round", KIND)
+
+
+def load_latest(run_dir: Path, counter: str, kind: str, width: int | None = None
+                ) -> tuple[int, SetScorerNet | None, list[dict]]:  # fmt: skip
+    """(next index, the network of the highest-numbered `<counter>-N.pt`, the run's history) of a run directory;
+    (0, None, []) when it holds none. `width`: the network's input width (default: the checkpoint's)."""
+    paths = sorted(run_dir.glob(f"{counter}-*.pt"), key=lambda p: int(p.stem.split("-")[1]))
+    if not paths:
         return 0, None, []
-    ckpt = load_checkpoint(rounds[-1], KIND)
-    net = SetScorerNet(ckpt.obs_size, int(ckpt.config.get("hidden", 32)))
-    load_weights(net, ckpt, rounds[-1])
-    return int(ckpt.config["round"]) + 1, net.eval(), list(ckpt.config.get("history", []))
+    ckpt = load_checkpoint(paths[-1], kind)
+    net = SetScorerNet(ckpt.obs_size if width is None else width, int(ckpt.config.get("hidden", 32)))
+    load_weights(net, ckpt, paths[-1])
+    return int(ckpt.config[counter]) + 1, net.eval(), list(ckpt.config.get("history", []))

@@ -12,13 +12,41 @@ from __future__ import annotations
 import json
 import types
 import typing
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
 from moe_env.errors import UsageError
 
 T = TypeVar("T")
+
+
+@dataclass
+class PPOHyperparameters:
+    """The stable-baselines3 PPO fields both PPO trainers take (the residual PPO's defaults; the eviction PPO
+    sets its own)."""
+
+    total_timesteps: int = 200_000
+    n_envs: int = 4
+    vec_env: str = "dummy"  # dummy: envs stepped in this process | subproc: one process per env (SubprocVecEnv)
+    n_steps: int = 512
+    batch_size: int = 256
+    n_epochs: int = 5
+    learning_rate: float = 3e-4
+    gamma: float = 0.95
+    gae_lambda: float = 0.9
+    clip_range: float = 0.2
+    ent_coef: float = 0.0
+    profile: str | None = None  # cost model HARDWARE[:EXPERTS]; None = default hardware, trace's expert size
+    eval_every: int = 20_000
+    seed: int = 0
+    torch_threads: int = 1
+
+    def sb3_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of ``stable_baselines3.PPO`` these fields set."""
+        return dict(learning_rate=self.learning_rate, n_steps=self.n_steps, batch_size=self.batch_size,
+                    n_epochs=self.n_epochs, gamma=self.gamma, gae_lambda=self.gae_lambda,
+                    clip_range=self.clip_range, ent_coef=self.ent_coef, seed=self.seed)  # fmt: skip
 
 
 def load_config(

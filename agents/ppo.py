@@ -29,7 +29,7 @@ from moe_env.agents.checkpoint import (
     save_checkpoint,
     spec_dict,
 )
-from moe_env.agents.configs import config_from_dict
+from moe_env.agents.configs import PPOHyperparameters, config_from_dict
 from moe_env.agents.imitation import CheckpointScorerEviction
 from moe_env.agents.learned import LearnedPolicy, check_obs_size
 from moe_env.agents.predictor import copy_ratio
@@ -53,20 +53,10 @@ def shipped_ppo_path() -> Path:
 
 
 @dataclass
-class PPOConfig:
-    """Everything a run needs besides its traces (train/configs/ppo*.json hold these fields)."""
+class PPOConfig(PPOHyperparameters):
+    """Everything a residual-PPO run needs besides its traces (train/configs/ppo*.json hold these fields and
+    PPOHyperparameters')."""
 
-    total_timesteps: int = 200_000
-    n_envs: int = 4
-    vec_env: str = "dummy"  # dummy: envs stepped in this process | subproc: one process per env (SubprocVecEnv)
-    n_steps: int = 512
-    batch_size: int = 256
-    n_epochs: int = 5
-    learning_rate: float = 3e-4
-    gamma: float = 0.95
-    gae_lambda: float = 0.9
-    clip_range: float = 0.2
-    ent_coef: float = 0.0
     log_std_init: float = -1.5
     net_arch: list[int] = field(default_factory=lambda: [64, 64])
     residual_scale: float = 1.0
@@ -75,10 +65,6 @@ class PPOConfig:
     prior_config: dict[str, Any] = field(default_factory=dict)
     reward: str = "stall"  # stall | stall_vs_lru
     capacity: int | None = None  # slots per layer; None = half the experts
-    profile: str | None = None  # cost model HARDWARE[:EXPERTS]; None = default hardware, trace's expert size
-    eval_every: int = 20_000
-    seed: int = 0
-    torch_threads: int = 1
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> PPOConfig:

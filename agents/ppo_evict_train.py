@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 from moe_env.agents.checkpoint import load_checkpoint
+from moe_env.agents.configs import PPOHyperparameters
 from moe_env.agents.eviction_env import REWARDS, EvictionDecisionEnv, default_capacities
 from moe_env.agents.imitation import load_scorer_net, shipped_imitation_path
 from moe_env.agents.ppo import KIND, PPOPolicy, save_eviction_ppo
@@ -42,21 +43,20 @@ INFO_KEYS = ("hit_rate", "gap_captured")
 
 
 @dataclass
-class EvictionPPOConfig:
-    """train/configs/ppo.json holds these fields (``mode: "evict"``); None = derived from the trace."""
+class EvictionPPOConfig(PPOHyperparameters):
+    """train/configs/ppo.json holds these fields and PPOHyperparameters' (``mode: "evict"``); None = derived from
+    the trace. The SB3 defaults differ from the residual PPO's: short-horizon credit (one eviction's outcome) and
+    small steps from a trained start."""
 
     mode: str = MODE
     total_timesteps: int = 60_000
     n_envs: int = 2
-    vec_env: str = "dummy"  # dummy | subproc (one process per env)
     n_steps: int = 1024
-    batch_size: int = 256
     n_epochs: int = 4
     learning_rate: float = 1e-4
     gamma: float = 0.5
-    gae_lambda: float = 0.9
     clip_range: float = 0.1
-    ent_coef: float = 0.0
+    eval_every: int = 10_000
     value_hidden: int = 32
     reward: str = "belady"  # belady | regret | misses (agents/eviction_env.py)
     horizon_tokens: float = 64.0
@@ -64,11 +64,7 @@ class EvictionPPOConfig:
     max_candidates: int | None = None  # None: the largest capacity
     start: str = ""  # imitation (or eviction-PPO) checkpoint the actor starts from; "" = the shipped imitation
     tables: str = "shipped"  # model tables of the features: shipped (by shape) | none | a tables path
-    profile: str | None = None  # cost model for the validation stall
-    eval_every: int = 10_000
     validation_sequences: int | None = None  # None: every validation sequence (evaluate fewer to save time)
-    seed: int = 0
-    torch_threads: int = 1
 
 
 def check_config(config: EvictionPPOConfig) -> None:
@@ -160,9 +156,7 @@ def train_eviction_ppo(config: EvictionPPOConfig, train_trace: Trace, validation
     else:
         hidden = start_net.body[0].out_features
         model = PPO(
-            SetScorerPolicy, venv, learning_rate=config.learning_rate, n_steps=config.n_steps,
-            batch_size=config.batch_size, n_epochs=config.n_epochs, gamma=config.gamma, gae_lambda=config.gae_lambda,
-            clip_range=config.clip_range, ent_coef=config.ent_coef, seed=config.seed, device="cpu", verbose=0,
+            SetScorerPolicy, venv, **config.sb3_kwargs(), device="cpu", verbose=0,
             policy_kwargs=dict(hidden=hidden, value_hidden=config.value_hidden), tensorboard_log=str(run_dir / "tb"),
         )  # fmt: skip
         model.policy.scorer.load_state_dict(start_net.state_dict())

@@ -235,9 +235,7 @@ def train_ppo(config: PPOConfig, train_trace: Trace, validation: Trace, run_dir:
         log(f"resuming {run_dir} at {model.num_timesteps} timesteps")
     else:
         model = PPO(
-            "MlpPolicy", venv, learning_rate=config.learning_rate, n_steps=config.n_steps,
-            batch_size=config.batch_size, n_epochs=config.n_epochs, gamma=config.gamma, gae_lambda=config.gae_lambda,
-            clip_range=config.clip_range, ent_coef=config.ent_coef, seed=config.seed, device="cpu", verbose=0,
+            "MlpPolicy", venv, **config.sb3_kwargs(), device="cpu", verbose=0,
             policy_kwargs=dict(net_arch=dict(pi=list(config.net_arch), vf=list(config.net_arch)),
                                log_std_init=config.log_std_init),
             tensorboard_log=str(run_dir / "tb"),

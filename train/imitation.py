@@ -41,7 +41,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from moe_env.error_boundary import run_reporting_errors
-from moe_env.errors import MoeEnvError, UsageError
+from moe_env.errors import UsageError
 from moe_env.trace import load_trace
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "imitation.json"
@@ -182,9 +182,6 @@ def _main(argv: list[str] | None) -> int:
             ship.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(run_dir / "best.pt", ship)
             ship.with_suffix(".json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
-    except MoeEnvError as exc:
-        print(f"train/imitation.py: error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(f"train/imitation.py: interrupted; continue with --run-dir {run_dir} --resume", file=sys.stderr)
         return 130
@@ -196,8 +193,8 @@ def _rounded(report: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # a policy plug-in failing inside training or the final table: one line and exit 2, not a traceback
-    return run_reporting_errors("imitation.py", lambda: _main(argv))
+    # bad input, or a policy plug-in failing inside training or the final table: one line and exit 2
+    return run_reporting_errors("train/imitation.py", lambda: _main(argv))
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ from moe_env.agents.ppo_train import resolve_prior, resume_checkpoint, train_ppo
 from moe_env.agents.traces import Splits, make_splits
 
 from moe_env.error_boundary import run_reporting_errors
-from moe_env.errors import MoeEnvError, UsageError
+from moe_env.errors import UsageError
 from moe_env.outputs import check_writable_dir, check_writable_file
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "ppo.json"
@@ -221,17 +221,14 @@ def _main(argv: list[str] | None) -> int:
         if args.ship:
             ship(best, Path(args.ship), run_dir, rows)
             log(f"shipped {args.ship}")
-    except MoeEnvError as exc:
-        print(f"train/ppo.py: error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         return 130
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    # a policy plug-in failing inside training or the final table: one line and exit 2, not a traceback
-    return run_reporting_errors("ppo.py", lambda: _main(argv))
+    # bad input, or a policy plug-in failing inside training or the final table: one line and exit 2
+    return run_reporting_errors("train/ppo.py", lambda: _main(argv))
 
 
 if __name__ == "__main__":

@@ -59,7 +59,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from moe_env.error_boundary import run_reporting_errors
-from moe_env.errors import MoeEnvError, UsageError
+from moe_env.errors import UsageError
 from moe_env.outputs import check_writable_file
 from moe_env.trace import Trace
 
@@ -190,9 +190,6 @@ def _main(argv: list[str] | None) -> int:
                 stall = 1e3 * row["stall_s_per_token"]
                 print(f"  {row['policy']:28s} hit rate {row['hit_rate']:.3f}  stall {stall:.3f} ms/token"
                       f"  prefetch used {row['prefetch_used']} wasted {row['prefetch_wasted']}")  # fmt: skip
-    except MoeEnvError as exc:
-        print(f"train/predictor.py: error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(f"train/predictor.py: interrupted; continue with --run-dir {run_dir} --resume", file=sys.stderr)
         return 130
@@ -308,8 +305,8 @@ def _print_quality(quality: dict, label: str, top_k: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # a policy plug-in failing inside training or the final table: one line and exit 2, not a traceback
-    return run_reporting_errors("predictor.py", lambda: _main(argv))
+    # bad input, or a policy plug-in failing inside training or the final table: one line and exit 2
+    return run_reporting_errors("train/predictor.py", lambda: _main(argv))
 
 
 if __name__ == "__main__":

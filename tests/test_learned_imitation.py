@@ -313,7 +313,7 @@ def test_checkpoint_of_fewer_columns_loads_and_scores_as_trained(trace, tmp_path
     from moe_env.agents.set_scorer import SetScorerNet
 
     data, _ = collect(trace, [3, 4], "lru", None, 0.0, 2000, None, seed=0)
-    old = list(FEATURES[:-3])  # the columns of the first shipped checkpoints
+    old = list(FEATURES[: FEATURES.index("seq_tokens")])  # the columns of the first shipped checkpoints
     columns = [FEATURES.index(name) for name in old]
     narrow = fit_scorer(Decisions(data.rows[:, columns], data.target, data.offsets), hidden=8, epochs=2, lr=1e-2,
                         batch=64, seed=0)  # fmt: skip
@@ -387,3 +387,43 @@ def test_regret_weights_and_weighted_listwise_loss():
     expected = (each[0] * 1 + each[1] * 3) / 4
     assert float(listwise_loss(scores, target, segment, 2, weight=w)) == pytest.approx(expected, rel=1e-6)
     assert float(listwise_loss(scores, target, segment, 2)) == pytest.approx(sum(each) / 2, rel=1e-6)
+
+
+def test_reuse_history_columns_on_a_hand_checked_trace():
+    """gap_1..gap_4, gap_mean, overdue and decay_vlong on one layer of 4 experts: expert 0 used at steps 0, 1, 3,
+    6, 10 and 11 (gaps newest first 1, 4, 3, 2; the oldest gap, 1, falls out of the four kept); expert 1 once at
+    step 2 (no gap); expert 2 at steps 4 and 8 (one gap of 4); expert 3 at steps 5, 7, 9 and 12. Rows at step 12."""
+    from moe_env.agents.candidate_features import GAP_COLUMNS
+
+    from moe_env.policy import ModelSpec, RouteEvent
+
+    spec = ModelSpec(num_layers=1, num_experts=4, top_k=1)
+    features = CandidateFeatures(spec, 2)
+    cache = ExpertCacheState(spec, 2, make_policy("lru"))
+    used = {0: 0, 1: 0, 2: 1, 3: 0, 4: 2, 5: 3, 6: 0, 7: 3, 8: 2, 9: 3, 10: 0, 11: 0, 12: 3}
+    vlong = np.zeros(4)
+    for step, expert in used.items():
+        event = RouteEvent(step=step, layer=0, experts=(expert,))
+        features.update(event, cache.clock)
+        cache.route(event)
+        vlong *= 0.995
+        vlong[expert] += 1
+    rows = features.layer_rows(0, cache)
+    col = {name: FEATURES.index(name) for name in (*GAP_COLUMNS, "gap_mean", "overdue", "decay_vlong")}
+    scale = 1 / math.log(257.0)
+    gaps = [rows[:, col[name]] for name in GAP_COLUMNS]
+    # expert 0: uses 11, 10, 6, 3, 1 kept (newest first): gaps 1, 4, 3, 2
+    np.testing.assert_allclose([g[0] for g in gaps], np.log1p([1, 4, 3, 2]) * scale)
+    assert rows[0, col["gap_mean"]] == pytest.approx(math.log1p(2.5) * scale)
+    assert rows[0, col["overdue"]] == pytest.approx(math.log((12 - 11 + 1) / 3.5) * scale)
+    # expert 1: a single use, no gap; expert 3: used at 5, 7, 9, 12 (gaps 3, 2, 2), the current step
+    assert [g[1] for g in gaps] == [1.0] * 4 and rows[1, col["gap_mean"]] == 1.0 and rows[1, col["overdue"]] == 0
+    np.testing.assert_allclose([g[3] for g in gaps], [*(np.log1p([3, 2, 2]) * scale), 1.0])
+    assert rows[3, col["overdue"]] == pytest.approx(math.log(1 / (7 / 3 + 1)) * scale)
+    # expert 2: one gap of 4, then 4 tokens since: exactly on habit
+    np.testing.assert_allclose([g[2] for g in gaps], [math.log1p(4) * scale, 1.0, 1.0, 1.0])
+    assert rows[2, col["overdue"]] == pytest.approx(math.log(5 / 5) * scale)
+    np.testing.assert_allclose(rows[:, col["decay_vlong"]], vlong * 0.005)
+    features.begin_sequence()
+    fresh = features.layer_rows(0, cache)
+    assert (fresh[:, col["gap_1"]] == 1.0).all() and (fresh[:, col["overdue"]] == 0).all()

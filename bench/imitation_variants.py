@@ -5,7 +5,10 @@ Belady's labels, signal dropout and table-free share as the shipped config; with
 trace's shape) into --pool (reused when it exists), then fits one scorer per variant on that same pool and prints
 each one's gap captured ((hit - LRU) / (Belady - LRU)) on the validation trace, one JSON line per variant. A variant
 is a JSON object of fit settings (hidden, epochs, lr, batch, soft_weight, temperature, horizon_tokens,
-regret_weight) and "drop": feature columns zeroed in training (constant, so the scorer ignores them).
+regret_weight) and "drop": feature columns zeroed in training (constant, so the scorer ignores them);
+``"learner": "lgbm"`` fits a LightGBM lambdarank ranker instead (query = one eviction decision, graded relevance
+from the candidate's next-use distance; settings trees, leaves, rate, min_rows): a stronger learner on the same rows,
+as a ceiling test of the features (needs `pip install lightgbm`).
 
     .venv/bin/python bench/imitation_variants.py --train '../shared/traces/dsv2lite-puffin#id=1-800' \\
         --validation '../shared/traces/dsv2lite-puffin#id=801-830' --prompts 120 --pool runs/pool-n120.npz \\
@@ -27,13 +30,39 @@ import torch
 from moe_env.agents.candidate_features import FEATURES
 from moe_env.agents.imitation import ScorerEviction, collect, replay, subsample
 from moe_env.agents.model_tables import find_shipped_tables
-from moe_env.agents.set_scorer import Decisions, NumpyScorer, fit_scorer
+from moe_env.agents.set_scorer import Decisions, NumpyScorer, agreement, fit_scorer
 
 from moe_env.sim import model_spec, simulate
 from moe_env.trace import load_trace
 
 FIT_DEFAULTS = {"hidden": 32, "epochs": 8, "lr": 3e-3, "batch": 512, "soft_weight": 3.0, "temperature": 1.0,
-                "horizon_tokens": 64.0, "regret_weight": False, "drop": []}  # fmt: skip
+                "horizon_tokens": 64.0, "regret_weight": False, "drop": [], "learner": "mlp", "trees": 300,
+                "leaves": 63, "rate": 0.05, "min_rows": 100}  # fmt: skip
+RELEVANCE_LEVELS = 8  # lambdarank grades: log next-use distance (capped at the horizon) in this many steps
+
+
+class BoosterScorer:
+    """Keep scores of a LightGBM ranker trained to rank the candidate to evict first (the lowest is evicted)."""
+
+    def __init__(self, booster):
+        self.booster = booster
+
+    def __call__(self, rows: np.ndarray) -> np.ndarray:
+        return -self.booster.predict(rows, num_threads=1)
+
+
+def fit_booster(data: Decisions, settings: dict, horizon: float, seed: int) -> BoosterScorer:
+    """LightGBM lambdarank, one query per decision: relevance rises with the candidate's log next-use distance
+    (capped at `horizon`), Belady's choice on top."""
+    import lightgbm
+
+    x = np.log1p(np.minimum(data.distance, horizon)) / np.log1p(horizon)
+    relevance = np.minimum((x * RELEVANCE_LEVELS).astype(np.int64), RELEVANCE_LEVELS - 1) + data.target
+    params = {"objective": "lambdarank", "num_leaves": settings["leaves"], "learning_rate": settings["rate"],
+              "min_data_in_leaf": settings["min_rows"], "lambdarank_truncation_level": 3, "num_threads": 1,
+              "seed": seed, "verbose": -1, "label_gain": list(range(RELEVANCE_LEVELS + 1))}  # fmt: skip
+    train = lightgbm.Dataset(data.rows, relevance, group=np.diff(data.offsets), free_raw_data=True)
+    return BoosterScorer(lightgbm.train(params, train, num_boost_round=settings["trees"]))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -80,18 +109,22 @@ def main(argv: list[str] | None = None) -> int:
         for name in settings["drop"]:
             rows[:, FEATURES.index(name)] = 0.0
         started = time.perf_counter()
-        net = fit_scorer(Decisions(rows, pool.target, pool.offsets, pool.distance), settings["hidden"],
-                         settings["epochs"], settings["lr"], settings["batch"], args.seed,
-                         soft_weight=settings["soft_weight"],
-                         horizon=settings["horizon_tokens"] * meta.num_layers * meta.top_k,
-                         temperature=settings["temperature"], regret_weight=settings["regret_weight"])  # fmt: skip
-        scorer = NumpyScorer(net)
+        data = Decisions(rows, pool.target, pool.offsets, pool.distance)
+        horizon = settings["horizon_tokens"] * meta.num_layers * meta.top_k
+        if settings["learner"] == "lgbm":
+            scorer = fit_booster(data, settings, horizon, args.seed)
+        else:
+            scorer = NumpyScorer(fit_scorer(data, settings["hidden"], settings["epochs"], settings["lr"],
+                                            settings["batch"], args.seed, soft_weight=settings["soft_weight"],
+                                            horizon=horizon, temperature=settings["temperature"],
+                                            regret_weight=settings["regret_weight"]))  # fmt: skip
         gaps = {}
         for c in capacities:
             lru, belady = references[c]
             hit = replay(validation, ScorerEviction(scorer, tables), c).hit_rate
             gaps[c] = round((hit - lru) / (belady - lru), 4) if belady > lru else None
         print(json.dumps({"variant": json.loads(text), "decisions": pool.size, "gap_captured": gaps,
+                          "train_agreement": round(agreement(scorer, data), 4),
                           "seconds": round(time.perf_counter() - started)}), flush=True)  # fmt: skip
     return 0
 

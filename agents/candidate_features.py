@@ -69,17 +69,24 @@ FEATURES: tuple[str, ...] = (
     "gap_mean",  # log mean of its known gaps (1 = none)
     "overdue",  # log (tokens since last use + 1) / (mean gap + 1), scaled: > 0 = later than its habit (0 = no gap)
     "decay_vlong",  # uses decayed by 0.995 per token, scaled by 0.005: a ~200-token window
+    # repeats (an induction-head guess): text repeats, and so does its routing. s = the latest earlier step of this
+    # sequence whose input token equals the current one; the tokens after s are a guess at the tokens after t
+    "repeat_next",  # used by this layer at step s + 1
+    "repeat_soon",  # sum over k = 1..REPEAT of 0.5^(k-1) [used by this layer at step s + k], s + k <= t
+    "repeat_bigram",  # the tokens before s and before t match too (a longer match: a likelier repeat)
+    "repeat_missing",  # the current token has no earlier occurrence in this sequence (or the trace has no tokens)
 )
 NUM_FEATURES = len(FEATURES)
 # columns added for the eviction scorer after the prefetch predictor's were fixed (agents/set_predictor.py leaves
 # them out, so its checkpoints keep their width)
 EVICTION_COLUMNS: tuple[str, ...] = (
     "seq_tokens", "decay_long", "transition_mix", "gap_1", "gap_2", "gap_3", "gap_4", "gap_mean", "overdue",
-    "decay_vlong",
+    "decay_vlong", "repeat_next", "repeat_soon", "repeat_bigram", "repeat_missing",
 )
 GAP_COLUMNS: tuple[str, ...] = ("gap_1", "gap_2", "gap_3", "gap_4")
 HIDEABLE: tuple[str, ...] = ("tokens", "gate weights", "gate logits", "lookahead")
 WINDOW = 8
+REPEAT = 4  # steps after the earlier occurrence that repeat_soon looks at
 FAST, SLOW, LONG, VLONG = 0.5, 0.9, 0.98, 0.995
 NEVER = -(10**6)  # the step of a use that never happened
 SMOOTHING = 2.0  # virtual observations (at the layer's long-run share) behind each conditional estimate
@@ -167,6 +174,10 @@ class CandidateFeatures:
         self.token: int | None = None
         self.previous_input: int | None = None  # the input token of the step before
         self.token_step = -1
+        self.step_tokens: dict[int, int | None] = {}  # decode step -> its input token, this sequence
+        self.token_last: dict[int, int] = {}  # token -> the latest decode step it was the input of
+        self.repeat_from: int | None = None  # the latest earlier step with the current input token
+        self.routed: dict[tuple[int, int], tuple[int, ...]] = {}  # (layer, decode step) -> experts, this sequence
         self.last_step = np.full(shape, -(10**6), dtype=np.int64)
         self.count = np.zeros(shape)
         self.fast = np.zeros(shape)
@@ -208,6 +219,10 @@ class CandidateFeatures:
             self.previous_input = self.token if self.token_step == step - 1 else None
             self.token_step = step
             self.token = token
+            self.repeat_from = None if token is None else self.token_last.get(token)
+            if token is not None:
+                self.token_last[token] = step
+            self.step_tokens[step] = token
         elif token is not None:
             self.token = token
         behind = step - int(self.decay_step[layer])
@@ -236,6 +251,7 @@ class CandidateFeatures:
             self.popularity[layer, experts] += 1.0
             return
         self.tokens_seen[layer] += 1
+        self.routed[(layer, step)] = tuple(experts)
         self.popularity[layer, experts] += 1.0
         slot = step % WINDOW
         self.history[layer, slot] = False
@@ -317,6 +333,7 @@ class CandidateFeatures:
         out[:, c["decay_long"]] = self.long[layer] * (LONG**behind * (1 - LONG))
         out[:, c["decay_vlong"]] = self.vlong[layer] * (VLONG**behind * (1 - VLONG))
         self._gap_columns(layer, out, age)
+        self._repeat_columns(layer, out)
         out[:, c["seq_tokens"]] = math.log1p(self.tokens_seen[layer]) * _LOG_SCALE
         recent = self.history_step[layer] > step - WINDOW
         out[:, c["window"]] = self.history[layer][recent].sum(axis=0) / WINDOW
@@ -381,6 +398,26 @@ class CandidateFeatures:
         out[:, c["gap_mean"]] = np.where(n > 0, np.minimum(np.log1p(mean) * _LOG_SCALE, 1.0), 1.0)
         ratio = np.log((np.maximum(age, 0) + 1.0) / (mean + 1.0)) * _LOG_SCALE
         out[:, c["overdue"]] = np.where(n > 0, np.clip(ratio, -1.0, 1.0), 0.0)
+
+    def _repeat_columns(self, layer: int, out: np.ndarray) -> None:
+        """repeat_next, repeat_soon, repeat_bigram and repeat_missing of every expert of `layer` into `out`."""
+        c = self._col
+        start, step = self.repeat_from, self.step
+        out[:, c["repeat_next"]] = 0.0
+        out[:, c["repeat_soon"]] = 0.0
+        out[:, c["repeat_missing"]] = float(start is None)
+        out[:, c["repeat_bigram"]] = 0.0
+        if start is None:
+            return
+        before = self.step_tokens.get(start - 1)
+        out[:, c["repeat_bigram"]] = float(before is not None and before == self.step_tokens.get(step - 1))
+        for k in range(1, REPEAT + 1):
+            if start + k > step:
+                break
+            experts = list(self.routed.get((layer, start + k), ()))
+            if k == 1:
+                out[experts, c["repeat_next"]] = 1.0
+            out[experts, c["repeat_soon"]] += 0.5 ** (k - 1)
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:

@@ -427,3 +427,34 @@ def test_reuse_history_columns_on_a_hand_checked_trace():
     features.begin_sequence()
     fresh = features.layer_rows(0, cache)
     assert (fresh[:, col["gap_1"]] == 1.0).all() and (fresh[:, col["overdue"]] == 0).all()
+
+
+def test_repeat_columns_on_a_hand_checked_trace():
+    """repeat_*: input tokens 7 8 9 7 8 7 at steps 0-5, one layer routing expert = step. At step 4 (token 8) the
+    earlier 8 is at step 1: steps 2, 3, 4 follow it (experts 2, 3, 4), and the tokens before (7 and 7) match; at
+    step 5 (token 7) the latest earlier 7 is at step 3 (then expert 4, expert 5), tokens before 9 and 8 differ;
+    at step 2 (token 9) there is no earlier 9; hiding the tokens hides the repeat."""
+    from moe_env.policy import ModelSpec, RouteEvent
+
+    spec = ModelSpec(num_layers=1, num_experts=6, top_k=1)
+    features = CandidateFeatures(spec, 2)
+    cache = ExpertCacheState(spec, 2, make_policy("lru"))
+    col = {name: FEATURES.index(name) for name in ("repeat_next", "repeat_soon", "repeat_bigram", "repeat_missing")}
+    seen = {}
+    for step, token in enumerate([7, 8, 9, 7, 8, 7]):
+        event = RouteEvent(step=step, layer=0, experts=(step,), extra={"token": token})
+        features.update(event, cache.clock)
+        cache.route(event)
+        seen[step] = features.layer_rows(0, cache).copy()
+    assert seen[2][:, col["repeat_missing"]].tolist() == [1.0] * 6 and not seen[2][:, col["repeat_soon"]].any()
+    assert seen[4][:, col["repeat_next"]].tolist() == [0, 0, 1, 0, 0, 0]
+    assert seen[4][:, col["repeat_soon"]].tolist() == [0, 0, 1.0, 0.5, 0.25, 0]
+    assert seen[4][0, col["repeat_bigram"]] == 1.0 and seen[4][0, col["repeat_missing"]] == 0.0
+    assert seen[5][:, col["repeat_next"]].tolist() == [0, 0, 0, 0, 1, 0]
+    assert seen[5][:, col["repeat_soon"]].tolist() == [0, 0, 0, 0, 1.0, 0.5]
+    assert seen[5][0, col["repeat_bigram"]] == 0.0
+    features.begin_sequence(hidden=["tokens"])
+    for step, token in enumerate([7, 7]):
+        features.update(RouteEvent(step=step, layer=0, experts=(step,), extra={"token": token}), cache.clock)
+    hidden = features.layer_rows(0, cache)
+    assert (hidden[:, col["repeat_missing"]] == 1).all() and not hidden[:, col["repeat_soon"]].any()

@@ -11,7 +11,9 @@ from the candidate's next-use distance; settings trees, leaves, rate, min_rows):
 as a ceiling test of the features (needs `pip install lightgbm`).
 
     .venv/bin/python bench/imitation_variants.py --train '../shared/traces/dsv2lite-puffin#id=1-800' \\
-        --validation '../shared/traces/dsv2lite-puffin#id=801-830' --prompts 120 --pool runs/pool-n120.npz \\
+        --validation '../shared/traces/dsv2lite-puffin#id=801-830' \\
+        --validation '../shared/traces/mixtral-8x7b-gsm8k-routing.jsonl#1' \\
+        --eval-capacities 16,32 --eval-capacities 3,4,5 --prompts 120 --pool runs/pool-n120.npz \\
         --variants '{"drop": ["seq_tokens", "decay_long", "transition_mix"]}' '{}' '{"hidden": 64, "epochs": 16}'
 """
 
@@ -68,11 +70,13 @@ def fit_booster(data: Decisions, settings: dict, horizon: float, seed: int) -> B
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--train", required=True, help="training traces spec")
-    p.add_argument("--validation", required=True, help="validation traces spec")
+    p.add_argument("--validation", required=True, action="append",
+                   help="validation traces spec; repeatable (the first one's shape sets the next-use horizon)")
     p.add_argument("--prompts", type=int, default=120, help="training sequences drawn for the pool")
     p.add_argument("--decisions", type=int, default=150_000, help="decisions recorded (split over the budgets)")
     p.add_argument("--capacities", default="8,16,32", help="budgets of the pool (slots per layer)")
-    p.add_argument("--eval-capacities", default="16,32", help="budgets of the validation gap")
+    p.add_argument("--eval-capacities", action="append", default=None,
+                   help="budgets of the validation gap, one per --validation (default 16,32)")
     p.add_argument("--pool", required=True, help="the pool .npz (collected when absent)")
     p.add_argument("--variants", nargs="+", default=["{}"], help="JSON objects of fit settings")
     p.add_argument("--seed", type=int, default=0)
@@ -97,12 +101,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(1)
     pool = pool_of(args)
-    validation = load_trace(args.validation)
-    meta = validation.meta
-    tables = find_shipped_tables(model_spec(meta))
-    capacities = [int(c) for c in args.eval_capacities.split(",")]
-    references = {c: (simulate(validation, "lru", c).hit_rate, simulate(validation, "belady", c).hit_rate)
-                  for c in capacities}  # fmt: skip
+    budgets = args.eval_capacities or ["16,32"] * len(args.validation)
+    if len(budgets) != len(args.validation):
+        print(f"error: {len(budgets)} --eval-capacities for {len(args.validation)} --validation: give one per trace",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    checks = []  # (spec, trace, tables, {capacity: (LRU hit rate, Belady hit rate)})
+    for spec, text in zip(args.validation, budgets, strict=True):
+        trace = load_trace(spec)
+        references = {int(c): (simulate(trace, "lru", int(c)).hit_rate, simulate(trace, "belady", int(c)).hit_rate)
+                      for c in text.split(",")}  # fmt: skip
+        checks.append((spec, trace, find_shipped_tables(model_spec(trace.meta)), references))
+    meta = checks[0][1].meta
     for text in args.variants:
         settings = FIT_DEFAULTS | json.loads(text)
         rows = pool.rows.copy()
@@ -119,10 +129,11 @@ def main(argv: list[str] | None = None) -> int:
                                             horizon=horizon, temperature=settings["temperature"],
                                             regret_weight=settings["regret_weight"]))  # fmt: skip
         gaps = {}
-        for c in capacities:
-            lru, belady = references[c]
-            hit = replay(validation, ScorerEviction(scorer, tables), c).hit_rate
-            gaps[c] = round((hit - lru) / (belady - lru), 4) if belady > lru else None
+        for spec, trace, tables, references in checks:
+            gaps[spec] = {}
+            for c, (lru, belady) in references.items():
+                hit = replay(trace, ScorerEviction(scorer, tables), c).hit_rate
+                gaps[spec][c] = round((hit - lru) / (belady - lru), 4) if belady > lru else None
         print(json.dumps({"variant": json.loads(text), "decisions": pool.size, "gap_captured": gaps,
                           "train_agreement": round(agreement(scorer, data), 4),
                           "seconds": round(time.perf_counter() - started)}), flush=True)  # fmt: skip

@@ -458,3 +458,25 @@ def test_repeat_columns_on_a_hand_checked_trace():
         features.update(RouteEvent(step=step, layer=0, experts=(step,), extra={"token": token}), cache.clock)
     hidden = features.layer_rows(0, cache)
     assert (hidden[:, col["repeat_missing"]] == 1).all() and not hidden[:, col["repeat_soon"]].any()
+
+
+def test_ignored_features_are_zeroed_in_training_and_unknown_names_refused(trace):
+    """ignored_features: the scorer fit on the zeroed pool does not read those columns; a name we do not compute is
+    refused in one line."""
+    from moe_env.agents.imitation import without_columns
+
+    from moe_env.errors import UsageError
+
+    with pytest.raises(UsageError, match="ignored_features") as info:
+        ImitationConfig.from_dict({"ignored_features": ["gap_1", "colour"]})
+    assert "\n" not in str(info.value)
+    assert ImitationConfig.from_dict({"ignored_features": ["gap_1"]}).ignored_features == ["gap_1"]
+    data, _ = collect(trace, [3, 4], "lru", None, 0.0, 2000, None, seed=0)
+    column = FEATURES.index("recency")
+    zeroed = without_columns(data, ["recency"])
+    assert (zeroed.rows[:, column] == 0).all() and data.rows[:, column].any()
+    scorer = NumpyScorer(fit_scorer(zeroed, hidden=8, epochs=1, lr=1e-2, batch=64, seed=0))
+    rows = data.rows[:100].astype(np.float64)
+    moved = rows.copy()
+    moved[:, column] += 5.0
+    np.testing.assert_allclose(scorer(moved), scorer(rows), atol=1e-4)  # the ignored std scales it by 1e-6

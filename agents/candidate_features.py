@@ -84,6 +84,9 @@ EVICTION_COLUMNS: tuple[str, ...] = (
     "decay_vlong", "repeat_next", "repeat_soon", "repeat_bigram", "repeat_missing",
 )
 GAP_COLUMNS: tuple[str, ...] = ("gap_1", "gap_2", "gap_3", "gap_4")
+# columns computed only for a caller that reads them (the rest of the row costs little): zero otherwise
+HISTORY_COLUMNS: tuple[str, ...] = (*GAP_COLUMNS, "gap_mean", "overdue")
+REPEAT_COLUMNS: tuple[str, ...] = ("repeat_next", "repeat_soon", "repeat_bigram", "repeat_missing")
 HIDEABLE: tuple[str, ...] = ("tokens", "gate weights", "gate logits", "lookahead")
 WINDOW = 8
 REPEAT = 4  # steps after the earlier occurrence that repeat_soon looks at
@@ -130,8 +133,13 @@ class ModelTables:
 class CandidateFeatures:
     """Online per-(layer, expert) state; ``rows(layer, candidates, cache)`` is the scorer's input [C, F]."""
 
-    def __init__(self, spec: ModelSpec, capacity: int, tables: ModelTables | None = None):
+    def __init__(self, spec: ModelSpec, capacity: int, tables: ModelTables | None = None,
+                 columns: Collection[str] | None = None):  # fmt: skip
+        """`columns`: the columns the caller reads (None: all); HISTORY_COLUMNS and REPEAT_COLUMNS are zero in
+        the rows unless one of them is read (a checkpoint trained before them pays nothing for them)."""
         num_layers, num_experts = spec.num_layers, spec.num_experts
+        self._history = columns is None or bool(set(columns) & set(HISTORY_COLUMNS))
+        self._repeats = columns is None or bool(set(columns) & set(REPEAT_COLUMNS))
         self.spec = spec
         self.capacity = capacity
         shape = (num_layers, num_experts)
@@ -332,8 +340,10 @@ class CandidateFeatures:
         out[:, c["decay_slow"]] = self.slow[layer] * (SLOW**behind * (1 - SLOW))
         out[:, c["decay_long"]] = self.long[layer] * (LONG**behind * (1 - LONG))
         out[:, c["decay_vlong"]] = self.vlong[layer] * (VLONG**behind * (1 - VLONG))
-        self._gap_columns(layer, out, age)
-        self._repeat_columns(layer, out)
+        if self._history:
+            self._gap_columns(layer, out, age)
+        if self._repeats:
+            self._repeat_columns(layer, out)
         out[:, c["seq_tokens"]] = math.log1p(self.tokens_seen[layer]) * _LOG_SCALE
         recent = self.history_step[layer] > step - WINDOW
         out[:, c["window"]] = self.history[layer][recent].sum(axis=0) / WINDOW

@@ -108,6 +108,7 @@ class CandidateFeaturePolicy(Policy):
 
     tables: ModelTables | str | None = None
     features: CandidateFeatures | None = None
+    columns: list[str] | None = None  # the feature columns the scorer reads (None: all)
 
     def _tables(self, spec: ModelSpec) -> ModelTables | None:
         if isinstance(self.tables, str):
@@ -118,7 +119,7 @@ class CandidateFeaturePolicy(Policy):
         """The cache is empty; the online statistics of the deployment survive unless the model changed."""
         super().reset(spec, capacity)
         if self.features is None or self.features.spec != spec or self.features.capacity != capacity:
-            self.features = CandidateFeatures(spec, capacity, self._tables(spec))
+            self.features = CandidateFeatures(spec, capacity, self._tables(spec), self.columns)
 
     hide_share: float = 0.0  # signal dropout: each hideable signal is hidden in a sequence with this probability
     hide_rng: np.random.Generator | None = None
@@ -162,6 +163,7 @@ class CheckpointScorerEviction(ScorerEviction):
         choice: str | None = "shipped" if tables is None else tables
         super().__init__(NumpyScorer(load_scorer_net(self.ckpt, str(self.path))),
                          None if str(choice).lower() == "none" else choice)  # fmt: skip
+        self.columns = [str(name) for name in self.ckpt.config.get("features", [])]  # checked by load_scorer_net
         self.needs = [str(n) for n in self.ckpt.config.get("needs", [])]
         unknown = sorted(set(self.needs) - set(SIGNALS))
         if unknown:

@@ -480,3 +480,16 @@ def test_ignored_features_are_zeroed_in_training_and_unknown_names_refused(trace
     moved = rows.copy()
     moved[:, column] += 5.0
     np.testing.assert_allclose(scorer(moved), scorer(rows), atol=1e-4)  # the ignored std scales it by 1e-6
+
+
+def test_a_checkpoint_trained_before_the_history_columns_does_not_compute_them(trace):
+    """The shipped checkpoint predates the reuse-history and repeat columns: its policy skips computing them and
+    evicts exactly as with them computed (its widened scorer gives them zero weight)."""
+    from moe_env.agents.imitation import replay
+
+    lean, full = ImitationPolicy(), ImitationPolicy()
+    full.columns = None
+    assert "gap_1" not in lean.columns
+    lean_result, full_result = replay(trace, lean, 4), replay(trace, full, 4)
+    assert not lean.features._history and not lean.features._repeats and full.features._history
+    assert lean_result.hits == full_result.hits and lean_result.hit_rate == full_result.hit_rate

@@ -8,7 +8,7 @@ is a JSON object of fit settings (hidden, epochs, lr, batch, soft_weight, temper
 regret_weight) and "drop": feature columns zeroed in training (constant, so the scorer ignores them);
 ``"learner": "lgbm"`` fits a LightGBM lambdarank ranker instead (query = one eviction decision, graded relevance
 from the candidate's next-use distance; settings trees, leaves, rate, min_rows): a stronger learner on the same rows,
-as a ceiling test of the features (needs `pip install lightgbm`).
+as a ceiling test of the features (needs the `ceiling` extra: `pip install -e ".[ceiling]"`).
 
     .venv/bin/python bench/imitation_variants.py --train '../shared/traces/dsv2lite-puffin#id=1-800' \\
         --validation '../shared/traces/dsv2lite-puffin#id=801-830' \\
@@ -20,6 +20,7 @@ as a ceiling test of the features (needs `pip install lightgbm`).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 import time
@@ -115,6 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     meta = checks[0][1].meta
     for text in args.variants:
         settings = FIT_DEFAULTS | json.loads(text)
+        if settings["learner"] == "lgbm" and importlib.util.find_spec("lightgbm") is None:
+            print('error: the lgbm learner needs LightGBM: pip install -e ".[ceiling]"', file=sys.stderr)
+            return 2
         rows = pool.rows.copy()
         for name in settings["drop"]:
             rows[:, FEATURES.index(name)] = 0.0

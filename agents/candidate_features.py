@@ -61,14 +61,37 @@ FEATURES: tuple[str, ...] = (
     "seq_tokens",  # log tokens seen this sequence at this layer: how much evidence seq_share / seq_count carry
     "decay_long",  # uses decayed by 0.98 per token, scaled by 0.02: a ~50-token window, between slow and seq
     "transition_mix",  # log odds-ratio of the mixture of P(e at t+1 | j) over j, weighted by j's decay_slow
+    # reuse history (LRB-style): the last GAPS inter-arrival gaps of this (layer, expert), in tokens
+    "gap_1",  # log gap between its last two uses (1 = fewer than two uses this sequence)
+    "gap_2",  # the gap before that
+    "gap_3",
+    "gap_4",
+    "gap_mean",  # log mean of its known gaps (1 = none)
+    "overdue",  # log (tokens since last use + 1) / (mean gap + 1), scaled: > 0 = later than its habit (0 = no gap)
+    "decay_vlong",  # uses decayed by 0.995 per token, scaled by 0.005: a ~200-token window
+    # repeats (an induction-head guess): text repeats, and so does its routing. s = the latest earlier step of this
+    # sequence whose input token equals the current one; the tokens after s are a guess at the tokens after t
+    "repeat_next",  # used by this layer at step s + 1
+    "repeat_soon",  # sum over k = 1..REPEAT of 0.5^(k-1) [used by this layer at step s + k], s + k <= t
+    "repeat_bigram",  # the tokens before s and before t match too (a longer match: a likelier repeat)
+    "repeat_missing",  # the current token has no earlier occurrence in this sequence (or the trace has no tokens)
 )
 NUM_FEATURES = len(FEATURES)
 # columns added for the eviction scorer after the prefetch predictor's were fixed (agents/set_predictor.py leaves
 # them out, so its checkpoints keep their width)
-EVICTION_COLUMNS: tuple[str, ...] = ("seq_tokens", "decay_long", "transition_mix")
+EVICTION_COLUMNS: tuple[str, ...] = (
+    "seq_tokens", "decay_long", "transition_mix", "gap_1", "gap_2", "gap_3", "gap_4", "gap_mean", "overdue",
+    "decay_vlong", "repeat_next", "repeat_soon", "repeat_bigram", "repeat_missing",
+)
+GAP_COLUMNS: tuple[str, ...] = ("gap_1", "gap_2", "gap_3", "gap_4")
+# columns computed only for a caller that reads them (the rest of the row costs little): zero otherwise
+HISTORY_COLUMNS: tuple[str, ...] = (*GAP_COLUMNS, "gap_mean", "overdue")
+REPEAT_COLUMNS: tuple[str, ...] = ("repeat_next", "repeat_soon", "repeat_bigram", "repeat_missing")
 HIDEABLE: tuple[str, ...] = ("tokens", "gate weights", "gate logits", "lookahead")
 WINDOW = 8
-FAST, SLOW, LONG = 0.5, 0.9, 0.98
+REPEAT = 4  # steps after the earlier occurrence that repeat_soon looks at
+FAST, SLOW, LONG, VLONG = 0.5, 0.9, 0.98, 0.995
+NEVER = -(10**6)  # the step of a use that never happened
 SMOOTHING = 2.0  # virtual observations (at the layer's long-run share) behind each conditional estimate
 _LOG_SCALE = 1.0 / math.log(257.0)
 
@@ -110,8 +133,13 @@ class ModelTables:
 class CandidateFeatures:
     """Online per-(layer, expert) state; ``rows(layer, candidates, cache)`` is the scorer's input [C, F]."""
 
-    def __init__(self, spec: ModelSpec, capacity: int, tables: ModelTables | None = None):
+    def __init__(self, spec: ModelSpec, capacity: int, tables: ModelTables | None = None,
+                 columns: Collection[str] | None = None):  # fmt: skip
+        """`columns`: the columns the caller reads (None: all); HISTORY_COLUMNS and REPEAT_COLUMNS are zero in
+        the rows unless one of them is read (a checkpoint trained before them pays nothing for them)."""
         num_layers, num_experts = spec.num_layers, spec.num_experts
+        self._history = columns is None or bool(set(columns) & set(HISTORY_COLUMNS))
+        self._repeats = columns is None or bool(set(columns) & set(REPEAT_COLUMNS))
         self.spec = spec
         self.capacity = capacity
         shape = (num_layers, num_experts)
@@ -154,11 +182,18 @@ class CandidateFeatures:
         self.token: int | None = None
         self.previous_input: int | None = None  # the input token of the step before
         self.token_step = -1
+        self.step_tokens: dict[int, int | None] = {}  # decode step -> its input token, this sequence
+        self.token_last: dict[int, int] = {}  # token -> the latest decode step it was the input of
+        self.repeat_from: int | None = None  # the latest earlier step with the current input token
+        self.routed: dict[tuple[int, int], tuple[int, ...]] = {}  # (layer, decode step) -> experts, this sequence
         self.last_step = np.full(shape, -(10**6), dtype=np.int64)
         self.count = np.zeros(shape)
         self.fast = np.zeros(shape)
         self.slow = np.zeros(shape)
         self.long = np.zeros(shape)
+        self.vlong = np.zeros(shape)
+        # the steps of its last len(GAP_COLUMNS) + 1 uses, newest first (NEVER where fewer)
+        self.use_steps = np.full((*shape, len(GAP_COLUMNS) + 1), NEVER, dtype=np.int64)
         self.decay_step = np.zeros(num_layers, dtype=np.int64)
         self.history = np.zeros((num_layers, WINDOW, num_experts), dtype=bool)
         self.history_step = np.full((num_layers, WINDOW), -(10**6), dtype=np.int64)
@@ -192,6 +227,10 @@ class CandidateFeatures:
             self.previous_input = self.token if self.token_step == step - 1 else None
             self.token_step = step
             self.token = token
+            self.repeat_from = None if token is None else self.token_last.get(token)
+            if token is not None:
+                self.token_last[token] = step
+            self.step_tokens[step] = token
         elif token is not None:
             self.token = token
         behind = step - int(self.decay_step[layer])
@@ -199,10 +238,18 @@ class CandidateFeatures:
             self.fast[layer] *= FAST**behind
             self.slow[layer] *= SLOW**behind
             self.long[layer] *= LONG**behind
+            self.vlong[layer] *= VLONG**behind
             self.decay_step[layer] = step
         self.fast[layer, experts] += 1.0
         self.slow[layer, experts] += 1.0
         self.long[layer, experts] += 1.0
+        self.vlong[layer, experts] += 1.0
+        fresh = [e for e in experts if self.use_steps[layer, e, 0] != step]  # one use per step (prefill repeats)
+        if fresh:
+            history = self.use_steps[layer, fresh]
+            history[:, 1:] = history[:, :-1].copy()
+            history[:, 0] = step
+            self.use_steps[layer, fresh] = history
         self.count[layer, experts] += 1.0
         self.last_step[layer, experts] = step
         if weights is not None:
@@ -212,6 +259,7 @@ class CandidateFeatures:
             self.popularity[layer, experts] += 1.0
             return
         self.tokens_seen[layer] += 1
+        self.routed[(layer, step)] = tuple(experts)
         self.popularity[layer, experts] += 1.0
         slot = step % WINDOW
         self.history[layer, slot] = False
@@ -291,6 +339,11 @@ class CandidateFeatures:
         out[:, c["decay_fast"]] = self.fast[layer] * FAST**behind
         out[:, c["decay_slow"]] = self.slow[layer] * (SLOW**behind * (1 - SLOW))
         out[:, c["decay_long"]] = self.long[layer] * (LONG**behind * (1 - LONG))
+        out[:, c["decay_vlong"]] = self.vlong[layer] * (VLONG**behind * (1 - VLONG))
+        if self._history:
+            self._gap_columns(layer, out, age)
+        if self._repeats:
+            self._repeat_columns(layer, out)
         out[:, c["seq_tokens"]] = math.log1p(self.tokens_seen[layer]) * _LOG_SCALE
         recent = self.history_step[layer] > step - WINDOW
         out[:, c["window"]] = self.history[layer][recent].sum(axis=0) / WINDOW
@@ -340,6 +393,41 @@ class CandidateFeatures:
         out[:, c["layer_position"]] = self._layer_position[layer]
         self._cached_layer, self._cached_version, self._cached_rows = layer, self._version, out
         return out
+
+    def _gap_columns(self, layer: int, out: np.ndarray, age: np.ndarray) -> None:
+        """gap_1..gap_K, gap_mean and overdue of every expert of `layer` into `out`."""
+        c = self._col
+        uses = self.use_steps[layer]  # [E, K + 1] newest first
+        known = uses[:, 1:] > NEVER  # gap i exists when use i + 1 happened
+        gaps = np.where(known, uses[:, :-1] - uses[:, 1:], 0)
+        logged = np.where(known, np.minimum(np.log1p(gaps) * _LOG_SCALE, 1.0), 1.0)
+        for i, name in enumerate(GAP_COLUMNS):
+            out[:, c[name]] = logged[:, i]
+        n = known.sum(axis=1)
+        mean = np.where(n > 0, gaps.sum(axis=1) / np.maximum(n, 1), 0.0)
+        out[:, c["gap_mean"]] = np.where(n > 0, np.minimum(np.log1p(mean) * _LOG_SCALE, 1.0), 1.0)
+        ratio = np.log((np.maximum(age, 0) + 1.0) / (mean + 1.0)) * _LOG_SCALE
+        out[:, c["overdue"]] = np.where(n > 0, np.clip(ratio, -1.0, 1.0), 0.0)
+
+    def _repeat_columns(self, layer: int, out: np.ndarray) -> None:
+        """repeat_next, repeat_soon, repeat_bigram and repeat_missing of every expert of `layer` into `out`."""
+        c = self._col
+        start, step = self.repeat_from, self.step
+        out[:, c["repeat_next"]] = 0.0
+        out[:, c["repeat_soon"]] = 0.0
+        out[:, c["repeat_missing"]] = float(start is None)
+        out[:, c["repeat_bigram"]] = 0.0
+        if start is None:
+            return
+        before = self.step_tokens.get(start - 1)
+        out[:, c["repeat_bigram"]] = float(before is not None and before == self.step_tokens.get(step - 1))
+        for k in range(1, REPEAT + 1):
+            if start + k > step:
+                break
+            experts = list(self.routed.get((layer, start + k), ()))
+            if k == 1:
+                out[experts, c["repeat_next"]] = 1.0
+            out[experts, c["repeat_soon"]] += 0.5 ** (k - 1)
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:

@@ -37,7 +37,7 @@ from moe_env.agents.configs import config_from_dict
 from moe_env.agents.model_tables import find_shipped_tables, load_tables
 from moe_env.agents.set_scorer import Decisions, NumpyScorer, SetScorerNet, fit_scorer, widen_scorer
 
-from moe_env.errors import CheckpointError
+from moe_env.errors import CheckpointError, UsageError
 from moe_env.policy import CacheView, ModelSpec, Policy, RouteEvent
 from moe_env.sim import Replayer, cost_model_for
 from moe_env.trace import Trace
@@ -80,10 +80,16 @@ class ImitationConfig:
     no_tables_share: float = 0.0  # share of a round's sequences replayed without model tables (a model never seen)
     # per model width (num_experts as a string): its training budgets, before `capacities`
     capacities_by_experts: dict[str, list[int]] | None = None
+    # feature columns held at zero in training, so the scorer ignores them (constant columns are ignored): an
+    # ablation that keeps the checkpoint's rows those of this moe-env
+    ignored_features: list[str] = field(default_factory=list)
     seed: int = 0
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ImitationConfig:
+        foreign = sorted(set(values.get("ignored_features", [])) - set(FEATURES))
+        if foreign:
+            raise UsageError(f"ignored_features names unknown columns {foreign}: the columns are {', '.join(FEATURES)}")
         return config_from_dict(cls, values, "imitation config")
 
 
@@ -102,6 +108,7 @@ class CandidateFeaturePolicy(Policy):
 
     tables: ModelTables | str | None = None
     features: CandidateFeatures | None = None
+    columns: list[str] | None = None  # the feature columns the scorer reads (None: all)
 
     def _tables(self, spec: ModelSpec) -> ModelTables | None:
         if isinstance(self.tables, str):
@@ -112,7 +119,7 @@ class CandidateFeaturePolicy(Policy):
         """The cache is empty; the online statistics of the deployment survive unless the model changed."""
         super().reset(spec, capacity)
         if self.features is None or self.features.spec != spec or self.features.capacity != capacity:
-            self.features = CandidateFeatures(spec, capacity, self._tables(spec))
+            self.features = CandidateFeatures(spec, capacity, self._tables(spec), self.columns)
 
     hide_share: float = 0.0  # signal dropout: each hideable signal is hidden in a sequence with this probability
     hide_rng: np.random.Generator | None = None
@@ -156,6 +163,7 @@ class CheckpointScorerEviction(ScorerEviction):
         choice: str | None = "shipped" if tables is None else tables
         super().__init__(NumpyScorer(load_scorer_net(self.ckpt, str(self.path))),
                          None if str(choice).lower() == "none" else choice)  # fmt: skip
+        self.columns = [str(name) for name in self.ckpt.config.get("features", [])]  # checked by load_scorer_net
         self.needs = [str(n) for n in self.ckpt.config.get("needs", [])]
         unknown = sorted(set(self.needs) - set(SIGNALS))
         if unknown:
@@ -380,7 +388,8 @@ def dagger(
             log(f"round {r} epoch {epoch + 1}/{config.epochs}: listwise loss {loss:.4f}")
 
         horizon = config.horizon_tokens * traces[0][0].meta.num_layers * traces[0][0].meta.top_k  # in accesses
-        net = fit_scorer(pool, config.hidden, config.epochs, config.lr, config.batch_size, config.seed + round_index,
+        net = fit_scorer(without_columns(pool, config.ignored_features), config.hidden, config.epochs, config.lr,
+                         config.batch_size, config.seed + round_index,
                          progress=progress, soft_weight=config.soft_weight, horizon=horizon,
                          temperature=config.temperature, regret_weight=config.regret_weight)  # fmt: skip
         result = evaluate(net, round_index)
@@ -392,6 +401,15 @@ def dagger(
             on_round(round_index, net, pool, result)
     assert net is not None
     return net
+
+
+def without_columns(pool: Decisions, names: list[str]) -> Decisions:
+    """`pool` with the named feature columns zeroed (a copy; the pool itself is unchanged)."""
+    if not names:
+        return pool
+    rows = pool.rows.copy()
+    rows[:, [FEATURES.index(name) for name in names]] = 0.0
+    return Decisions(rows, pool.target, pool.offsets, pool.distance)
 
 
 def subsample(trace: Trace, max_sequences: int | None, seed: int) -> Trace:

@@ -64,7 +64,7 @@ class PredictionFeatures:
 
     def __init__(self, spec: ModelSpec, tables: ModelTables | None = None):
         self.spec = spec
-        self.base = CandidateFeatures(spec, max(spec.top_k, 1), tables)
+        self.base = CandidateFeatures(spec, max(spec.top_k, 1), tables, BASE_COLUMNS)
         self._no_cache = _NoCache(spec)
         self._density = spec.top_k / spec.num_experts
 

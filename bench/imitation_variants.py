@@ -5,16 +5,22 @@ Belady's labels, signal dropout and table-free share as the shipped config; with
 trace's shape) into --pool (reused when it exists), then fits one scorer per variant on that same pool and prints
 each one's gap captured ((hit - LRU) / (Belady - LRU)) on the validation trace, one JSON line per variant. A variant
 is a JSON object of fit settings (hidden, epochs, lr, batch, soft_weight, temperature, horizon_tokens,
-regret_weight) and "drop": feature columns zeroed in training (constant, so the scorer ignores them).
+regret_weight) and "drop": feature columns zeroed in training (constant, so the scorer ignores them);
+``"learner": "lgbm"`` fits a LightGBM lambdarank ranker instead (query = one eviction decision, graded relevance
+from the candidate's next-use distance; settings trees, leaves, rate, min_rows): a stronger learner on the same rows,
+as a ceiling test of the features (needs the `ceiling` extra: `pip install -e ".[ceiling]"`).
 
     .venv/bin/python bench/imitation_variants.py --train '../shared/traces/dsv2lite-puffin#id=1-800' \\
-        --validation '../shared/traces/dsv2lite-puffin#id=801-830' --prompts 120 --pool runs/pool-n120.npz \\
+        --validation '../shared/traces/dsv2lite-puffin#id=801-830' \\
+        --validation '../shared/traces/mixtral-8x7b-gsm8k-routing.jsonl#1' \\
+        --eval-capacities 16,32 --eval-capacities 3,4,5 --prompts 120 --pool runs/pool-n120.npz \\
         --variants '{"drop": ["seq_tokens", "decay_long", "transition_mix"]}' '{}' '{"hidden": 64, "epochs": 16}'
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 import time
@@ -27,23 +33,51 @@ import torch
 from moe_env.agents.candidate_features import FEATURES
 from moe_env.agents.imitation import ScorerEviction, collect, replay, subsample
 from moe_env.agents.model_tables import find_shipped_tables
-from moe_env.agents.set_scorer import Decisions, NumpyScorer, fit_scorer
+from moe_env.agents.set_scorer import Decisions, NumpyScorer, agreement, fit_scorer
 
 from moe_env.sim import model_spec, simulate
 from moe_env.trace import load_trace
 
 FIT_DEFAULTS = {"hidden": 32, "epochs": 8, "lr": 3e-3, "batch": 512, "soft_weight": 3.0, "temperature": 1.0,
-                "horizon_tokens": 64.0, "regret_weight": False, "drop": []}  # fmt: skip
+                "horizon_tokens": 64.0, "regret_weight": False, "drop": [], "learner": "mlp", "trees": 300,
+                "leaves": 63, "rate": 0.05, "min_rows": 100}  # fmt: skip
+RELEVANCE_LEVELS = 8  # lambdarank grades: log next-use distance (capped at the horizon) in this many steps
+
+
+class BoosterScorer:
+    """Keep scores of a LightGBM ranker trained to rank the candidate to evict first (the lowest is evicted)."""
+
+    def __init__(self, booster):
+        self.booster = booster
+
+    def __call__(self, rows: np.ndarray) -> np.ndarray:
+        return -self.booster.predict(rows, num_threads=1)
+
+
+def fit_booster(data: Decisions, settings: dict, horizon: float, seed: int) -> BoosterScorer:
+    """LightGBM lambdarank, one query per decision: relevance rises with the candidate's log next-use distance
+    (capped at `horizon`), Belady's choice on top."""
+    import lightgbm
+
+    x = np.log1p(np.minimum(data.distance, horizon)) / np.log1p(horizon)
+    relevance = np.minimum((x * RELEVANCE_LEVELS).astype(np.int64), RELEVANCE_LEVELS - 1) + data.target
+    params = {"objective": "lambdarank", "num_leaves": settings["leaves"], "learning_rate": settings["rate"],
+              "min_data_in_leaf": settings["min_rows"], "lambdarank_truncation_level": 3, "num_threads": 1,
+              "seed": seed, "verbose": -1, "label_gain": list(range(RELEVANCE_LEVELS + 1))}  # fmt: skip
+    train = lightgbm.Dataset(data.rows, relevance, group=np.diff(data.offsets), free_raw_data=True)
+    return BoosterScorer(lightgbm.train(params, train, num_boost_round=settings["trees"]))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--train", required=True, help="training traces spec")
-    p.add_argument("--validation", required=True, help="validation traces spec")
+    p.add_argument("--validation", required=True, action="append",
+                   help="validation traces spec; repeatable (the first one's shape sets the next-use horizon)")
     p.add_argument("--prompts", type=int, default=120, help="training sequences drawn for the pool")
     p.add_argument("--decisions", type=int, default=150_000, help="decisions recorded (split over the budgets)")
     p.add_argument("--capacities", default="8,16,32", help="budgets of the pool (slots per layer)")
-    p.add_argument("--eval-capacities", default="16,32", help="budgets of the validation gap")
+    p.add_argument("--eval-capacities", action="append", default=None,
+                   help="budgets of the validation gap, one per --validation (default 16,32)")
     p.add_argument("--pool", required=True, help="the pool .npz (collected when absent)")
     p.add_argument("--variants", nargs="+", default=["{}"], help="JSON objects of fit settings")
     p.add_argument("--seed", type=int, default=0)
@@ -68,30 +102,44 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(1)
     pool = pool_of(args)
-    validation = load_trace(args.validation)
-    meta = validation.meta
-    tables = find_shipped_tables(model_spec(meta))
-    capacities = [int(c) for c in args.eval_capacities.split(",")]
-    references = {c: (simulate(validation, "lru", c).hit_rate, simulate(validation, "belady", c).hit_rate)
-                  for c in capacities}  # fmt: skip
+    budgets = args.eval_capacities or ["16,32"] * len(args.validation)
+    if len(budgets) != len(args.validation):
+        print(f"error: {len(budgets)} --eval-capacities for {len(args.validation)} --validation: give one per trace",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    checks = []  # (spec, trace, tables, {capacity: (LRU hit rate, Belady hit rate)})
+    for spec, text in zip(args.validation, budgets, strict=True):
+        trace = load_trace(spec)
+        references = {int(c): (simulate(trace, "lru", int(c)).hit_rate, simulate(trace, "belady", int(c)).hit_rate)
+                      for c in text.split(",")}  # fmt: skip
+        checks.append((spec, trace, find_shipped_tables(model_spec(trace.meta)), references))
+    meta = checks[0][1].meta
     for text in args.variants:
         settings = FIT_DEFAULTS | json.loads(text)
+        if settings["learner"] == "lgbm" and importlib.util.find_spec("lightgbm") is None:
+            print('error: the lgbm learner needs LightGBM: pip install -e ".[ceiling]"', file=sys.stderr)
+            return 2
         rows = pool.rows.copy()
         for name in settings["drop"]:
             rows[:, FEATURES.index(name)] = 0.0
         started = time.perf_counter()
-        net = fit_scorer(Decisions(rows, pool.target, pool.offsets, pool.distance), settings["hidden"],
-                         settings["epochs"], settings["lr"], settings["batch"], args.seed,
-                         soft_weight=settings["soft_weight"],
-                         horizon=settings["horizon_tokens"] * meta.num_layers * meta.top_k,
-                         temperature=settings["temperature"], regret_weight=settings["regret_weight"])  # fmt: skip
-        scorer = NumpyScorer(net)
+        data = Decisions(rows, pool.target, pool.offsets, pool.distance)
+        horizon = settings["horizon_tokens"] * meta.num_layers * meta.top_k
+        if settings["learner"] == "lgbm":
+            scorer = fit_booster(data, settings, horizon, args.seed)
+        else:
+            scorer = NumpyScorer(fit_scorer(data, settings["hidden"], settings["epochs"], settings["lr"],
+                                            settings["batch"], args.seed, soft_weight=settings["soft_weight"],
+                                            horizon=horizon, temperature=settings["temperature"],
+                                            regret_weight=settings["regret_weight"]))  # fmt: skip
         gaps = {}
-        for c in capacities:
-            lru, belady = references[c]
-            hit = replay(validation, ScorerEviction(scorer, tables), c).hit_rate
-            gaps[c] = round((hit - lru) / (belady - lru), 4) if belady > lru else None
+        for spec, trace, tables, references in checks:
+            gaps[spec] = {}
+            for c, (lru, belady) in references.items():
+                hit = replay(trace, ScorerEviction(scorer, tables), c).hit_rate
+                gaps[spec][c] = round((hit - lru) / (belady - lru), 4) if belady > lru else None
         print(json.dumps({"variant": json.loads(text), "decisions": pool.size, "gap_captured": gaps,
+                          "train_agreement": round(agreement(scorer, data), 4),
                           "seconds": round(time.perf_counter() - started)}), flush=True)  # fmt: skip
     return 0
 

@@ -313,7 +313,7 @@ def test_checkpoint_of_fewer_columns_loads_and_scores_as_trained(trace, tmp_path
     from moe_env.agents.set_scorer import SetScorerNet
 
     data, _ = collect(trace, [3, 4], "lru", None, 0.0, 2000, None, seed=0)
-    old = list(FEATURES[:-3])  # the columns of the first shipped checkpoints
+    old = list(FEATURES[: FEATURES.index("seq_tokens")])  # the columns of the first shipped checkpoints
     columns = [FEATURES.index(name) for name in old]
     narrow = fit_scorer(Decisions(data.rows[:, columns], data.target, data.offsets), hidden=8, epochs=2, lr=1e-2,
                         batch=64, seed=0)  # fmt: skip
@@ -387,3 +387,109 @@ def test_regret_weights_and_weighted_listwise_loss():
     expected = (each[0] * 1 + each[1] * 3) / 4
     assert float(listwise_loss(scores, target, segment, 2, weight=w)) == pytest.approx(expected, rel=1e-6)
     assert float(listwise_loss(scores, target, segment, 2)) == pytest.approx(sum(each) / 2, rel=1e-6)
+
+
+def test_reuse_history_columns_on_a_hand_checked_trace():
+    """gap_1..gap_4, gap_mean, overdue and decay_vlong on one layer of 4 experts: expert 0 used at steps 0, 1, 3,
+    6, 10 and 11 (gaps newest first 1, 4, 3, 2; the oldest gap, 1, falls out of the four kept); expert 1 once at
+    step 2 (no gap); expert 2 at steps 4 and 8 (one gap of 4); expert 3 at steps 5, 7, 9 and 12. Rows at step 12."""
+    from moe_env.agents.candidate_features import GAP_COLUMNS
+
+    from moe_env.policy import ModelSpec, RouteEvent
+
+    spec = ModelSpec(num_layers=1, num_experts=4, top_k=1)
+    features = CandidateFeatures(spec, 2)
+    cache = ExpertCacheState(spec, 2, make_policy("lru"))
+    used = {0: 0, 1: 0, 2: 1, 3: 0, 4: 2, 5: 3, 6: 0, 7: 3, 8: 2, 9: 3, 10: 0, 11: 0, 12: 3}
+    vlong = np.zeros(4)
+    for step, expert in used.items():
+        event = RouteEvent(step=step, layer=0, experts=(expert,))
+        features.update(event, cache.clock)
+        cache.route(event)
+        vlong *= 0.995
+        vlong[expert] += 1
+    rows = features.layer_rows(0, cache)
+    col = {name: FEATURES.index(name) for name in (*GAP_COLUMNS, "gap_mean", "overdue", "decay_vlong")}
+    scale = 1 / math.log(257.0)
+    gaps = [rows[:, col[name]] for name in GAP_COLUMNS]
+    # expert 0: uses 11, 10, 6, 3, 1 kept (newest first): gaps 1, 4, 3, 2
+    np.testing.assert_allclose([g[0] for g in gaps], np.log1p([1, 4, 3, 2]) * scale)
+    assert rows[0, col["gap_mean"]] == pytest.approx(math.log1p(2.5) * scale)
+    assert rows[0, col["overdue"]] == pytest.approx(math.log((12 - 11 + 1) / 3.5) * scale)
+    # expert 1: a single use, no gap; expert 3: used at 5, 7, 9, 12 (gaps 3, 2, 2), the current step
+    assert [g[1] for g in gaps] == [1.0] * 4 and rows[1, col["gap_mean"]] == 1.0 and rows[1, col["overdue"]] == 0
+    np.testing.assert_allclose([g[3] for g in gaps], [*(np.log1p([3, 2, 2]) * scale), 1.0])
+    assert rows[3, col["overdue"]] == pytest.approx(math.log(1 / (7 / 3 + 1)) * scale)
+    # expert 2: one gap of 4, then 4 tokens since: exactly on habit
+    np.testing.assert_allclose([g[2] for g in gaps], [math.log1p(4) * scale, 1.0, 1.0, 1.0])
+    assert rows[2, col["overdue"]] == pytest.approx(math.log(5 / 5) * scale)
+    np.testing.assert_allclose(rows[:, col["decay_vlong"]], vlong * 0.005)
+    features.begin_sequence()
+    fresh = features.layer_rows(0, cache)
+    assert (fresh[:, col["gap_1"]] == 1.0).all() and (fresh[:, col["overdue"]] == 0).all()
+
+
+def test_repeat_columns_on_a_hand_checked_trace():
+    """repeat_*: input tokens 7 8 9 7 8 7 at steps 0-5, one layer routing expert = step. At step 4 (token 8) the
+    earlier 8 is at step 1: steps 2, 3, 4 follow it (experts 2, 3, 4), and the tokens before (7 and 7) match; at
+    step 5 (token 7) the latest earlier 7 is at step 3 (then expert 4, expert 5), tokens before 9 and 8 differ;
+    at step 2 (token 9) there is no earlier 9; hiding the tokens hides the repeat."""
+    from moe_env.policy import ModelSpec, RouteEvent
+
+    spec = ModelSpec(num_layers=1, num_experts=6, top_k=1)
+    features = CandidateFeatures(spec, 2)
+    cache = ExpertCacheState(spec, 2, make_policy("lru"))
+    col = {name: FEATURES.index(name) for name in ("repeat_next", "repeat_soon", "repeat_bigram", "repeat_missing")}
+    seen = {}
+    for step, token in enumerate([7, 8, 9, 7, 8, 7]):
+        event = RouteEvent(step=step, layer=0, experts=(step,), extra={"token": token})
+        features.update(event, cache.clock)
+        cache.route(event)
+        seen[step] = features.layer_rows(0, cache).copy()
+    assert seen[2][:, col["repeat_missing"]].tolist() == [1.0] * 6 and not seen[2][:, col["repeat_soon"]].any()
+    assert seen[4][:, col["repeat_next"]].tolist() == [0, 0, 1, 0, 0, 0]
+    assert seen[4][:, col["repeat_soon"]].tolist() == [0, 0, 1.0, 0.5, 0.25, 0]
+    assert seen[4][0, col["repeat_bigram"]] == 1.0 and seen[4][0, col["repeat_missing"]] == 0.0
+    assert seen[5][:, col["repeat_next"]].tolist() == [0, 0, 0, 0, 1, 0]
+    assert seen[5][:, col["repeat_soon"]].tolist() == [0, 0, 0, 0, 1.0, 0.5]
+    assert seen[5][0, col["repeat_bigram"]] == 0.0
+    features.begin_sequence(hidden=["tokens"])
+    for step, token in enumerate([7, 7]):
+        features.update(RouteEvent(step=step, layer=0, experts=(step,), extra={"token": token}), cache.clock)
+    hidden = features.layer_rows(0, cache)
+    assert (hidden[:, col["repeat_missing"]] == 1).all() and not hidden[:, col["repeat_soon"]].any()
+
+
+def test_ignored_features_are_zeroed_in_training_and_unknown_names_refused(trace):
+    """ignored_features: the scorer fit on the zeroed pool does not read those columns; a name we do not compute is
+    refused in one line."""
+    from moe_env.agents.imitation import without_columns
+
+    from moe_env.errors import UsageError
+
+    with pytest.raises(UsageError, match="ignored_features") as info:
+        ImitationConfig.from_dict({"ignored_features": ["gap_1", "colour"]})
+    assert "\n" not in str(info.value)
+    assert ImitationConfig.from_dict({"ignored_features": ["gap_1"]}).ignored_features == ["gap_1"]
+    data, _ = collect(trace, [3, 4], "lru", None, 0.0, 2000, None, seed=0)
+    column = FEATURES.index("recency")
+    zeroed = without_columns(data, ["recency"])
+    assert (zeroed.rows[:, column] == 0).all() and data.rows[:, column].any()
+    scorer = NumpyScorer(fit_scorer(zeroed, hidden=8, epochs=1, lr=1e-2, batch=64, seed=0))
+    rows = data.rows[:100].astype(np.float64)
+    moved = rows.copy()
+    moved[:, column] += 5.0
+    np.testing.assert_allclose(scorer(moved), scorer(rows), atol=1e-4)  # the ignored std scales it by 1e-6
+
+
+def test_a_checkpoint_trained_before_the_history_columns_does_not_compute_them(trace):
+    """The shipped checkpoint predates the reuse-history and repeat columns: its policy skips computing them and
+    evicts exactly as with them computed (its widened scorer gives them zero weight)."""
+    from moe_env.agents.imitation import replay
+
+    lean, full = ImitationPolicy(), ImitationPolicy()
+    full.columns = None
+    assert "gap_1" not in lean.columns
+    lean_result, full_result = replay(trace, lean, 4), replay(trace, full, 4)
+    assert not lean.features._history and not lean.features._repeats and full.features._history
+    assert lean_result.hits == full_result.hits and lean_result.hit_rate == full_result.hit_rate

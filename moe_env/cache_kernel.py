@@ -1,0 +1,282 @@
+"""The cache's rules as one compiled loop (numba, ``cache=True``): what ExpertCacheState.route does per access.
+
+Imported by ExpertCacheState on construction, never at ``import moe_env`` (numba costs about a second to import).
+``advance`` walks events in CSR form (``acc_off`` into ``experts``, ``req_off`` into ``req_key``) from
+``cursor[0]`` to ``ev_to`` over the state arrays that ExpertCacheState owns (the same memory its CacheView rows
+show policies), and stops where Python must act:
+
+- ``NEED_VICTIM``: a slot must be freed and the ranking is the plug-in's own (``RANK_PYTHON``): the candidates
+  (keys layer * E + expert, ascending) are in ``cand[:cursor[4]]``; call again with the chosen key as ``victim``;
+- ``NEED_PREFETCH``: the event's accesses are done and the plug-in prefetches from Python (``python_prefetch``):
+  call again with that event's requests in ``req_off``/``req_key``;
+- ``DONE``: ``cursor[0] == ev_to``.
+
+A built-in ranking (RANK_LRU, _FIFO, _LFU, _DECAY, _BELADY) picks the victim inside the loop: the lowest
+(score, last use, key), the order ExpertCacheState documents. The semantics are those of moe_env.cache's module
+docstring; this is their only implementation.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+DONE, NEED_VICTIM, NEED_PREFETCH = 0, 1, 2
+RANK_PYTHON, RANK_LRU, RANK_FIFO, RANK_LFU, RANK_DECAY, RANK_BELADY = 0, 1, 2, 3, 4, 5
+# event flags (ev[:, 2])
+PREFILL, BYPASS, FIRST, NEW_ROUTING = 1, 2, 4, 8
+# scalars: the clock, then the counter deltas in moe_env.cache.Counters' field order, then the event serial
+CLOCK, HITS, MISSES, PREFILL_HITS, PREFILL_MISSES, PF_ISSUED, PF_USED, PF_WASTED = 0, 1, 2, 3, 4, 5, 6, 7
+EVICTIONS, BYTES, FIRST_HITS, FIRST_MISSES, BYPASS_LOADS, SERIAL = 8, 9, 10, 11, 12, 13
+NUM_SCALARS = 14
+NEVER = np.int64(2**62)  # belady: no next access
+
+
+@numba.njit(cache=True)
+def _candidates(pools, key_in, pool, pending, stamp, serial, num_experts, allow_in_flight, cand):  # pragma: no cover
+    """Residents of `pool` not protected by this event, ascending; in-flight ones only if nothing else is left."""
+    base, filled = pools[pool, 0], pools[pool, 2]
+    for include_in_flight in range(2 if allow_in_flight else 1):
+        n = 0
+        for s in range(base, base + filled):
+            key = key_in[s]
+            if key < 0 or stamp[key] == serial:
+                continue
+            if include_in_flight == 0 and pending[key // num_experts, key % num_experts]:
+                continue
+            j = n  # insertion sort: a pool holds a handful to a few hundred keys
+            while j > 0 and cand[j - 1] > key:
+                cand[j] = cand[j - 1]
+                j -= 1
+            cand[j] = key
+            n += 1
+        if n:
+            return n
+    return 0
+
+
+@numba.njit(cache=True)
+def _ranked(rank, cand, n, ints, decay_table, nxt, num_experts):  # pragma: no cover - compiled
+    """The candidate with the lowest (score, last use, key) under a built-in ranking."""
+    best, best_score, best_used = -1, 0.0, 0
+    for j in range(n):
+        key = cand[j]
+        layer, expert = key // num_experts, key % num_experts
+        if rank == RANK_LRU:
+            score = float(ints[1, layer, expert])
+        elif rank == RANK_FIFO:
+            score = float(ints[3, layer, expert])
+        elif rank == RANK_LFU:
+            score = float(ints[2, layer, expert])
+        elif rank == RANK_DECAY:
+            score = decay_table[layer, expert]
+        else:
+            score = -np.inf if nxt[key] >= NEVER else -float(nxt[key])
+        used = ints[1, layer, expert]
+        if best < 0 or score < best_score or (score == best_score and used < best_used):
+            best, best_score, best_used = key, score, used  # keys ascend: an equal pair keeps the lower key
+    return best
+
+
+@numba.njit(cache=True)
+def _evict(key, ints, flags, key_in, pools, layer_pool, scalars, num_experts):  # pragma: no cover - compiled
+    layer, expert = key // num_experts, key % num_experts
+    slot = ints[0, layer, expert]
+    ints[0, layer, expert] = -1
+    key_in[pools[layer_pool[layer], 0] + slot] = -1
+    ints[3, layer, expert] = -1
+    flags[0, layer, expert] = False
+    if flags[1, layer, expert]:
+        flags[1, layer, expert] = False
+        scalars[PF_WASTED] += 1
+    scalars[EVICTIONS] += 1
+    return slot
+
+
+@numba.njit(cache=True)
+def advance(ints, flags, key_in, pools, layer_pool, scalars, stamp, ev, acc_off, experts, req_off, req_key,
+            acc_out, req_out, cursor, cand, victim, ev_to, rank, decay, decay_table, following, nxt,
+            num_experts, expert_bytes, python_prefetch):  # pragma: no cover - compiled  # fmt: skip
+    """Route events cursor[0]..ev_to-1 (see the module docstring). State: ints [4, L, E] (slot, last use, use
+    count, load clock), flags [2, L, E] (in flight, prefetched unused), key_in (every pool's slots), pools [P, 3]
+    (first slot, size, filled), scalars. Per access acc_out = (1 hit | 2 was in flight, slot, evicted key or -1);
+    per request req_out = (slot or -1 when dropped, evicted key or -1). cursor: (event, position, phase, event
+    begun, candidates, clock already ticked)."""
+    slot_of, last_use, use_count, loaded_at = ints[0], ints[1], ints[2], ints[3]
+    pending, unused = flags[0], flags[1]
+    while cursor[0] < ev_to:
+        e = cursor[0]
+        layer, flag = ev[e, 0], ev[e, 2]
+        lo, hi = acc_off[e], acc_off[e + 1]
+        if cursor[3] == 0:  # the event begins: its own experts are never candidates
+            cursor[3] = 1
+            cursor[1] = lo
+            cursor[2] = 0
+            scalars[SERIAL] += 1
+            for i in range(lo, hi):
+                stamp[layer * num_experts + experts[i]] = scalars[SERIAL]
+            if rank == RANK_DECAY:  # lfu-decay's observe: per access, every score of the layer decays
+                row = decay_table[layer]
+                for i in range(lo, hi):
+                    for x in range(num_experts):
+                        row[x] *= decay
+                    row[experts[i]] += 1.0
+        serial = scalars[SERIAL]
+        if cursor[2] == 0:
+            i = cursor[1]
+            while i < hi:
+                expert = experts[i]
+                if cursor[5]:  # resumed with a victim: this access's clock has already ticked
+                    cursor[5] = 0
+                    clock = scalars[CLOCK]
+                else:
+                    clock = scalars[CLOCK] + 1
+                slot = slot_of[layer, expert]
+                hit = slot >= 0
+                if hit:
+                    acc_out[i, 0] = 3 if pending[layer, expert] else 1
+                    acc_out[i, 1] = slot
+                    acc_out[i, 2] = -1
+                    if unused[layer, expert]:
+                        unused[layer, expert] = False
+                        scalars[PF_USED] += 1
+                elif flag & BYPASS:
+                    acc_out[i, 0] = 0
+                    acc_out[i, 1] = -1
+                    acc_out[i, 2] = -1
+                    scalars[BYPASS_LOADS] += 1
+                    scalars[BYTES] += expert_bytes
+                else:
+                    pool = layer_pool[layer]
+                    evicted = -1
+                    scalars[CLOCK] = clock  # the victim's scores and the load time see this access's clock
+                    if pools[pool, 2] < pools[pool, 1]:
+                        slot = pools[pool, 2]
+                        pools[pool, 2] += 1
+                    else:
+                        if victim >= 0:
+                            evicted = victim
+                            victim = -1
+                        else:
+                            n = _candidates(pools, key_in, pool, pending, stamp, serial, num_experts, True, cand)
+                            if rank == RANK_PYTHON:
+                                cursor[1], cursor[4], cursor[5] = i, n, 1
+                                return NEED_VICTIM
+                            evicted = _ranked(rank, cand, n, ints, decay_table, nxt, num_experts)
+                        slot = _evict(evicted, ints, flags, key_in, pools, layer_pool, scalars, num_experts)
+                    slot_of[layer, expert] = slot
+                    key_in[pools[pool, 0] + slot] = layer * num_experts + expert
+                    loaded_at[layer, expert] = clock
+                    scalars[BYTES] += expert_bytes
+                    acc_out[i, 0] = 0
+                    acc_out[i, 1] = slot
+                    acc_out[i, 2] = evicted
+                if flag & PREFILL:
+                    scalars[PREFILL_HITS if hit else PREFILL_MISSES] += 1
+                else:
+                    scalars[HITS if hit else MISSES] += 1
+                    if flag & FIRST:
+                        scalars[FIRST_HITS if hit else FIRST_MISSES] += 1
+                last_use[layer, expert] = clock
+                use_count[layer, expert] += 1
+                if rank == RANK_BELADY:
+                    nxt[layer * num_experts + expert] = following[i]
+                scalars[CLOCK] = clock
+                i += 1
+            pending[layer, :] = False  # this layer's prefetches are consumed: the driver waited for what it used
+            cursor[2], cursor[1] = 1, -1
+            if python_prefetch:
+                return NEED_PREFETCH
+        r = cursor[1]
+        if r < 0:  # requests never evict an expert requested in the same call (nor the event's own)
+            r = req_off[e]
+            for q in range(req_off[e], req_off[e + 1]):
+                stamp[req_key[q]] = serial
+        while r < req_off[e + 1]:
+            key = req_key[r]
+            target, expert = key // num_experts, key % num_experts
+            req_out[r, 0] = -1
+            req_out[r, 1] = -1
+            if target == layer or slot_of[target, expert] >= 0:
+                r += 1
+                continue  # this layer is already served, or the expert is resident
+            pool = layer_pool[target]
+            evicted = -1
+            if pools[pool, 2] < pools[pool, 1]:
+                slot = pools[pool, 2]
+                pools[pool, 2] += 1
+            else:
+                if victim >= 0:
+                    evicted = victim
+                    victim = -1
+                else:
+                    n = _candidates(pools, key_in, pool, pending, stamp, serial, num_experts, False, cand)
+                    if n == 0:
+                        r += 1
+                        continue  # every slot of that pool holds an in-flight prefetch or a protected expert
+                    if rank == RANK_PYTHON:
+                        cursor[1], cursor[4] = r, n
+                        return NEED_VICTIM
+                    evicted = _ranked(rank, cand, n, ints, decay_table, nxt, num_experts)
+                slot = _evict(evicted, ints, flags, key_in, pools, layer_pool, scalars, num_experts)
+            slot_of[target, expert] = slot
+            key_in[pools[pool, 0] + slot] = key
+            loaded_at[target, expert] = scalars[CLOCK]
+            scalars[BYTES] += expert_bytes
+            pending[target, expert] = True
+            unused[target, expert] = True
+            scalars[PF_ISSUED] += 1
+            req_out[r, 0] = slot
+            req_out[r, 1] = evicted
+            r += 1
+        cursor[0], cursor[3] = e + 1, 0
+    return DONE
+
+
+@numba.njit(cache=True)
+def timeline(ev, acc_off, experts, req_off, req_key, acc_out, req_out, e_from, e_to, num_experts, copy_s,
+             expert_s, layer_s, ready, out):  # pragma: no cover - compiled  # fmt: skip
+    """moe_env.sim.Replayer's time model over events e_from..e_to-1 of one sequence (the link idle and every copy
+    landed as it starts): per routed layer its compute, then demand loads, then prefetches, FIFO on one link;
+    each expert computed once its copy has landed. out = (decode stall, prefill stall, decode time)."""
+    now = 0.0
+    link_free = 0.0
+    e = e_from
+    while e < e_to:
+        end = e + 1
+        while end < e_to and not ev[end, 2] & NEW_ROUTING:
+            end += 1
+        start = now
+        t = start + layer_s
+        stall = 0.0
+        for g in range(e, end):
+            layer, bypass = ev[g, 0], ev[g, 2] & BYPASS
+            link = link_free
+            if not bypass:
+                for i in range(acc_off[g], acc_off[g + 1]):
+                    if not acc_out[i, 0] & 1:
+                        link = max(link, t) + copy_s
+                        ready[layer, experts[i]] = link
+            for r in range(req_off[g], req_off[g + 1]):
+                if req_out[r, 0] >= 0:
+                    link = max(link, t) + copy_s
+                    ready[req_key[r] // num_experts, req_key[r] % num_experts] = link
+            if bypass:  # streamed for this layer only, not installed: ready when copied
+                for i in range(acc_off[g], acc_off[g + 1]):
+                    if not acc_out[i, 0] & 1:
+                        link = max(link, t) + copy_s
+                        ready[layer, experts[i]] = link
+            link_free = link
+            for i in range(acc_off[g], acc_off[g + 1]):
+                landed = ready[layer, experts[i]]
+                if landed > t:
+                    stall += landed - t
+                    t = landed
+                t += expert_s
+        now = t
+        if ev[e, 1] >= 0:
+            out[0] += stall
+            out[2] += t - start
+        else:
+            out[1] += stall
+        e = end

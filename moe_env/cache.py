@@ -332,7 +332,7 @@ class ExpertCacheState:
         self._pools[:, 2] = 0
         self._stamp[:] = 0
         self._scalars[0] = 0  # the clock; the counter deltas are the counters' own
-        self._scalars[-1] = 0  # the event serial
+        self._scalars[-2:] = 0  # the event serial, the in-flight count
 
     def finish(self) -> None:
         """Close the sequence's accounting: prefetched experts not used so far are wasted (warm: a later hit on

@@ -27,14 +27,15 @@ RANK_PYTHON, RANK_LRU, RANK_FIFO, RANK_LFU, RANK_DECAY, RANK_BELADY = 0, 1, 2, 3
 PREFILL, BYPASS, FIRST, NEW_ROUTING = 1, 2, 4, 8
 # scalars: the clock, then the counter deltas in moe_env.cache.Counters' field order, then the event serial
 CLOCK, HITS, MISSES, PREFILL_HITS, PREFILL_MISSES, PF_ISSUED, PF_USED, PF_WASTED = 0, 1, 2, 3, 4, 5, 6, 7
-EVICTIONS, BYTES, FIRST_HITS, FIRST_MISSES, BYPASS_LOADS, SERIAL = 8, 9, 10, 11, 12, 13
-NUM_SCALARS = 14
+EVICTIONS, BYTES, FIRST_HITS, FIRST_MISSES, BYPASS_LOADS, SERIAL, PENDING = 8, 9, 10, 11, 12, 13, 14
+NUM_SCALARS = 15  # PENDING: how many (layer, expert) are in flight (0: nothing to clear after an event)
 NEVER = np.int64(2**62)  # belady: no next access
 
 
-@numba.njit(cache=True)
-def _candidates(pools, key_in, pool, pending, stamp, serial, num_experts, allow_in_flight, cand):  # pragma: no cover
-    """Residents of `pool` not protected by this event, ascending; in-flight ones only if nothing else is left."""
+@numba.njit(cache=True, inline="always")
+def _candidates(pools, key_in, pool, pending, stamp, serial, allow_in_flight, ordered, cand):  # pragma: no cover
+    """Residents of `pool` not protected by this event (ascending if `ordered`: what a Python scorer is handed);
+    in-flight ones only if nothing else is left."""
     base, filled = pools[pool, 0], pools[pool, 2]
     for include_in_flight in range(2 if allow_in_flight else 1):
         n = 0
@@ -42,10 +43,10 @@ def _candidates(pools, key_in, pool, pending, stamp, serial, num_experts, allow_
             key = key_in[s]
             if key < 0 or stamp[key] == serial:
                 continue
-            if include_in_flight == 0 and pending[key // num_experts, key % num_experts]:
+            if include_in_flight == 0 and pending[key]:
                 continue
             j = n  # insertion sort: a pool holds a handful to a few hundred keys
-            while j > 0 and cand[j - 1] > key:
+            while ordered and j > 0 and cand[j - 1] > key:
                 cand[j] = cand[j - 1]
                 j -= 1
             cand[j] = key
@@ -55,39 +56,43 @@ def _candidates(pools, key_in, pool, pending, stamp, serial, num_experts, allow_
     return 0
 
 
-@numba.njit(cache=True)
-def _ranked(rank, cand, n, ints, decay_table, nxt, num_experts):  # pragma: no cover - compiled
-    """The candidate with the lowest (score, last use, key) under a built-in ranking."""
+@numba.njit(cache=True, inline="always")
+def _ranked(rank, cand, n, ints, decay_table, nxt):  # pragma: no cover - compiled
+    """The candidate with the lowest (score, last use, key) under a built-in ranking (state flat per key)."""
     best, best_score, best_used = -1, 0.0, 0
     for j in range(n):
         key = cand[j]
-        layer, expert = key // num_experts, key % num_experts
         if rank == RANK_LRU:
-            score = float(ints[1, layer, expert])
+            score = float(ints[1, key])
         elif rank == RANK_FIFO:
-            score = float(ints[3, layer, expert])
+            score = float(ints[3, key])
         elif rank == RANK_LFU:
-            score = float(ints[2, layer, expert])
+            score = float(ints[2, key])
         elif rank == RANK_DECAY:
-            score = decay_table[layer, expert]
+            score = decay_table[key]
         else:
             score = -np.inf if nxt[key] >= NEVER else -float(nxt[key])
-        used = ints[1, layer, expert]
-        if best < 0 or score < best_score or (score == best_score and used < best_used):
-            best, best_score, best_used = key, score, used  # keys ascend: an equal pair keeps the lower key
+        used = ints[1, key]
+        if (
+            best < 0
+            or score < best_score
+            or (score == best_score and (used < best_used or (used == best_used and key < best)))
+        ):
+            best, best_score, best_used = key, score, used
     return best
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, inline="always")
 def _evict(key, ints, flags, key_in, pools, layer_pool, scalars, num_experts):  # pragma: no cover - compiled
-    layer, expert = key // num_experts, key % num_experts
-    slot = ints[0, layer, expert]
-    ints[0, layer, expert] = -1
-    key_in[pools[layer_pool[layer], 0] + slot] = -1
-    ints[3, layer, expert] = -1
-    flags[0, layer, expert] = False
-    if flags[1, layer, expert]:
-        flags[1, layer, expert] = False
+    slot = ints[0, key]
+    ints[0, key] = -1
+    key_in[pools[layer_pool[key // num_experts], 0] + slot] = -1
+    ints[3, key] = -1
+    if flags[0, key]:
+        flags[0, key] = False
+        scalars[PENDING] -= 1
+    if flags[1, key]:
+        flags[1, key] = False
         scalars[PF_WASTED] += 1
     scalars[EVICTIONS] += 1
     return slot
@@ -102,8 +107,13 @@ def advance(ints, flags, key_in, pools, layer_pool, scalars, stamp, ev, acc_off,
     (first slot, size, filled), scalars. Per access acc_out = (1 hit | 2 was in flight, slot, evicted key or -1);
     per request req_out = (slot or -1 when dropped, evicted key or -1). cursor: (event, position, phase, event
     begun, candidates, clock already ticked)."""
+    # flat per key (layer * E + expert): no division on the hot path
+    ints = ints.reshape((4, -1))
+    flags = flags.reshape((2, -1))
+    decay_table = decay_table.reshape(-1)
     slot_of, last_use, use_count, loaded_at = ints[0], ints[1], ints[2], ints[3]
     pending, unused = flags[0], flags[1]
+    ordered = rank == RANK_PYTHON  # a Python scorer is handed its candidates ascending
     while cursor[0] < ev_to:
         e = cursor[0]
         layer, flag = ev[e, 0], ev[e, 2]
@@ -116,29 +126,30 @@ def advance(ints, flags, key_in, pools, layer_pool, scalars, stamp, ev, acc_off,
             for i in range(lo, hi):
                 stamp[layer * num_experts + experts[i]] = scalars[SERIAL]
             if rank == RANK_DECAY:  # lfu-decay's observe: per access, every score of the layer decays
-                row = decay_table[layer]
+                base = layer * num_experts
                 for i in range(lo, hi):
-                    for x in range(num_experts):
-                        row[x] *= decay
-                    row[experts[i]] += 1.0
+                    for x in range(base, base + num_experts):
+                        decay_table[x] *= decay
+                    decay_table[base + experts[i]] += 1.0
         serial = scalars[SERIAL]
         if cursor[2] == 0:
             i = cursor[1]
             while i < hi:
                 expert = experts[i]
+                key = layer * num_experts + expert
                 if cursor[5]:  # resumed with a victim: this access's clock has already ticked
                     cursor[5] = 0
                     clock = scalars[CLOCK]
                 else:
                     clock = scalars[CLOCK] + 1
-                slot = slot_of[layer, expert]
+                slot = slot_of[key]
                 hit = slot >= 0
                 if hit:
-                    acc_out[i, 0] = 3 if pending[layer, expert] else 1
+                    acc_out[i, 0] = 3 if pending[key] else 1
                     acc_out[i, 1] = slot
                     acc_out[i, 2] = -1
-                    if unused[layer, expert]:
-                        unused[layer, expert] = False
+                    if unused[key]:
+                        unused[key] = False
                         scalars[PF_USED] += 1
                 elif flag & BYPASS:
                     acc_out[i, 0] = 0
@@ -158,15 +169,15 @@ def advance(ints, flags, key_in, pools, layer_pool, scalars, stamp, ev, acc_off,
                             evicted = victim
                             victim = -1
                         else:
-                            n = _candidates(pools, key_in, pool, pending, stamp, serial, num_experts, True, cand)
+                            n = _candidates(pools, key_in, pool, pending, stamp, serial, True, ordered, cand)
                             if rank == RANK_PYTHON:
                                 cursor[1], cursor[4], cursor[5] = i, n, 1
                                 return NEED_VICTIM
-                            evicted = _ranked(rank, cand, n, ints, decay_table, nxt, num_experts)
+                            evicted = _ranked(rank, cand, n, ints, decay_table, nxt)
                         slot = _evict(evicted, ints, flags, key_in, pools, layer_pool, scalars, num_experts)
-                    slot_of[layer, expert] = slot
-                    key_in[pools[pool, 0] + slot] = layer * num_experts + expert
-                    loaded_at[layer, expert] = clock
+                    slot_of[key] = slot
+                    key_in[pools[pool, 0] + slot] = key
+                    loaded_at[key] = clock
                     scalars[BYTES] += expert_bytes
                     acc_out[i, 0] = 0
                     acc_out[i, 1] = slot
@@ -177,13 +188,17 @@ def advance(ints, flags, key_in, pools, layer_pool, scalars, stamp, ev, acc_off,
                     scalars[HITS if hit else MISSES] += 1
                     if flag & FIRST:
                         scalars[FIRST_HITS if hit else FIRST_MISSES] += 1
-                last_use[layer, expert] = clock
-                use_count[layer, expert] += 1
+                last_use[key] = clock
+                use_count[key] += 1
                 if rank == RANK_BELADY:
-                    nxt[layer * num_experts + expert] = following[i]
+                    nxt[key] = following[i]
                 scalars[CLOCK] = clock
                 i += 1
-            pending[layer, :] = False  # this layer's prefetches are consumed: the driver waited for what it used
+            if scalars[PENDING]:  # this layer's prefetches are consumed: the driver waited for what it used
+                for x in range(layer * num_experts, (layer + 1) * num_experts):
+                    if pending[x]:
+                        pending[x] = False
+                        scalars[PENDING] -= 1
             cursor[2], cursor[1] = 1, -1
             if python_prefetch:
                 return NEED_PREFETCH
@@ -194,10 +209,10 @@ def advance(ints, flags, key_in, pools, layer_pool, scalars, stamp, ev, acc_off,
                 stamp[req_key[q]] = serial
         while r < req_off[e + 1]:
             key = req_key[r]
-            target, expert = key // num_experts, key % num_experts
+            target = key // num_experts
             req_out[r, 0] = -1
             req_out[r, 1] = -1
-            if target == layer or slot_of[target, expert] >= 0:
+            if target == layer or slot_of[key] >= 0:
                 r += 1
                 continue  # this layer is already served, or the expert is resident
             pool = layer_pool[target]
@@ -210,21 +225,22 @@ def advance(ints, flags, key_in, pools, layer_pool, scalars, stamp, ev, acc_off,
                     evicted = victim
                     victim = -1
                 else:
-                    n = _candidates(pools, key_in, pool, pending, stamp, serial, num_experts, False, cand)
+                    n = _candidates(pools, key_in, pool, pending, stamp, serial, False, ordered, cand)
                     if n == 0:
                         r += 1
                         continue  # every slot of that pool holds an in-flight prefetch or a protected expert
                     if rank == RANK_PYTHON:
                         cursor[1], cursor[4] = r, n
                         return NEED_VICTIM
-                    evicted = _ranked(rank, cand, n, ints, decay_table, nxt, num_experts)
+                    evicted = _ranked(rank, cand, n, ints, decay_table, nxt)
                 slot = _evict(evicted, ints, flags, key_in, pools, layer_pool, scalars, num_experts)
-            slot_of[target, expert] = slot
+            slot_of[key] = slot
             key_in[pools[pool, 0] + slot] = key
-            loaded_at[target, expert] = scalars[CLOCK]
+            loaded_at[key] = scalars[CLOCK]
             scalars[BYTES] += expert_bytes
-            pending[target, expert] = True
-            unused[target, expert] = True
+            pending[key] = True
+            scalars[PENDING] += 1
+            unused[key] = True
             scalars[PF_ISSUED] += 1
             req_out[r, 0] = slot
             req_out[r, 1] = evicted

@@ -52,10 +52,11 @@ def _prefetch_keys(seq: SequenceTrace, steps, layers, prefetcher: Policy | None,
 
 
 def sequence_events(
-    sequences: Sequence[SequenceTrace], cache: ExpertCacheState, prefetcher: Policy | None, groups: str
+    sequences: Sequence[SequenceTrace], cache: ExpertCacheState, prefetcher: Policy | None, groups: str | None
 ) -> tuple[EventArrays, np.ndarray]:
     """(events of every sequence in route order, sequence start indices [n + 1]). ``groups``: "sequence" or
-    "stream": the span within which belady's next access is looked up (cold: a sequence; warm: the stream)."""
+    "stream": the span within which belady's next access is looked up (cold: a sequence; warm: the stream);
+    None: no next accesses (``following``)."""
     spec = cache.spec
     num_experts = spec.num_experts
     ev, experts, lengths, req_keys, req_counts, starts = [], [], [], [], [], [0]
@@ -100,7 +101,8 @@ def sequence_events(
         req_out=np.zeros((len(req_key), 2), dtype=np.int64),
     )
     seq_start = np.asarray(starts, dtype=np.int64)
-    events.following = following(events, seq_start if groups == "sequence" else seq_start[[0, -1]], num_experts)
+    if groups is not None:
+        events.following = following(events, seq_start if groups == "sequence" else seq_start[[0, -1]], num_experts)
     return events, seq_start
 
 

@@ -126,7 +126,7 @@ def _read_only(array: np.ndarray) -> np.ndarray:
 
 _COUNTER_FIELDS = tuple(f for f in Counters.__dataclass_fields__)  # the kernel's counter deltas, in this order
 BUILTIN_RANKINGS = ("lru", "fifo", "lfu", "lfu-decay", "belady")  # Policy.replay_kernel values ranked in the kernel
-BUILTIN_PREFETCHERS = ("lookahead", "oracle")  # Policy.replay_prefetch values a replay takes from the trace
+BUILTIN_PREFETCHERS = ("lookahead", "oracle", "affinity")  # Policy.replay_prefetch values a replay takes from the trace
 
 
 @dataclass
@@ -218,6 +218,7 @@ class ExpertCacheState:
         self._cursor = np.zeros(6, dtype=np.int64)
         self._cand = np.zeros(max(1, int(sizes.max())), dtype=np.int64)
         self._no_table, self._no_index = np.zeros((1, 1)), np.zeros(1, dtype=np.int64)
+        self._no_counts, self._scratch = np.zeros((1, 1, 1)), np.zeros((2, experts))
         self._started = False
         self.begin_sequence()
 
@@ -332,7 +333,7 @@ class ExpertCacheState:
         self._pools[:, 2] = 0
         self._stamp[:] = 0
         self._scalars[0] = 0  # the clock; the counter deltas are the counters' own
-        self._scalars[-2:] = 0  # the event serial, the in-flight count
+        self._scalars[1 + len(_COUNTER_FIELDS) :] = 0  # the event serial, the in-flight count, affinity's last event
 
     def finish(self) -> None:
         """Close the sequence's accounting: prefetched experts not used so far are wasted (warm: a later hit on
@@ -370,7 +371,8 @@ class ExpertCacheState:
         victim = -1
         while True:
             status = self._advance(ev, self._acc_off1, self._experts1, req_off, req_key, self._acc_out1, req_out,
-                                   victim, 1, self._rank, self._no_index, self._no_index, self._prefetches)  # fmt: skip
+                                   victim, 1, self._rank, self._no_index, self._no_index, self._prefetches,
+                                   self._no_counts, 0)  # fmt: skip
             if status == 0:
                 break
             if status == 1:
@@ -395,12 +397,19 @@ class ExpertCacheState:
             from moe_env.cache_kernel import RANK_BELADY
 
             rank, following, nxt = RANK_BELADY, events.following, self._next_access
+        counts, affinity_k = self._no_counts, 0
+        prefetcher = builtin_prefetcher(self.policy)
+        if prefetcher is not None and _kind(prefetcher) == "affinity":
+            counts, affinity_k = prefetcher.count_table, min(prefetcher.k or self.spec.top_k, self.capacity)
+        from moe_env.cache_kernel import AFFINITY_PREVIOUS
+
+        self._scalars[AFFINITY_PREVIOUS] = -1  # no decode event of this call before the first
         cursor = self._cursor
         cursor[:] = 0
         cursor[0] = first
         victim = -1
         while self._advance(events.ev, events.acc_off, events.experts, events.req_off, events.req_key, events.acc_out,
-                            events.req_out, victim, end, rank, following, nxt, False):  # fmt: skip
+                            events.req_out, victim, end, rank, following, nxt, False, counts, affinity_k):  # fmt: skip
             victim = self._python_victim(int(cursor[4]))
         self._fold_counters()
 
@@ -419,17 +428,22 @@ class ExpertCacheState:
 
     @property
     def routes_in_kernel(self) -> bool:
-        """Whether ``route_events`` can route for this plug-in: no Python observe, and no prefetch other than a
-        built-in one whose requests the caller puts in the events (``builtin_prefetcher``)."""
-        return not self._observers and (not self._prefetches or builtin_prefetcher(self.policy) is not None)
+        """Whether ``route_events`` can route for this plug-in: no Python observe and no prefetch other than a
+        built-in prefetcher's (``builtin_prefetcher``: the caller puts its requests in the events, or, affinity,
+        the kernel keeps its table)."""
+        prefetcher = builtin_prefetcher(self.policy)
+        if self._prefetches and prefetcher is None:
+            return False
+        return all(part is prefetcher and _kind(part) == "affinity" for part in self._observers)
 
     def _advance(self, ev, acc_off, experts, req_off, req_key, acc_out, req_out, victim, end, rank, following, nxt,
-                 python_prefetch) -> int:  # fmt: skip
+                 python_prefetch, counts, affinity_k) -> int:  # fmt: skip
         return self._kernel(self._ints, self._flags, self._key_in, self._pools, self._layer_pool, self._scalars,
                             self._stamp, ev, acc_off, experts, req_off, req_key, acc_out, req_out, self._cursor,
                             self._cand, victim, end, rank, self._decay,
                             self._no_table if self._decay_table is None else self._decay_table, following, nxt,
-                            self.spec.num_experts, self.spec.expert_bytes, python_prefetch)  # fmt: skip
+                            self.spec.num_experts, self.spec.expert_bytes, python_prefetch, counts, affinity_k,
+                            self._scratch)  # fmt: skip
 
     def _plan(self, event: RouteEvent, accesses: list, requests: list, placed: list) -> Plan:
         num_experts = self.spec.num_experts
@@ -534,7 +548,11 @@ def builtin_prefetcher(policy: Policy) -> Policy | None:
         if _overrides(policy.evict, "prefetch"):
             return None
         part = policy.prefetcher
-    return part if type(part).__dict__.get("replay_prefetch") in BUILTIN_PREFETCHERS else None
+    return part if _kind(part) in BUILTIN_PREFETCHERS else None
+
+
+def _kind(policy: Policy) -> str | None:
+    return type(policy).__dict__.get("replay_prefetch")
 
 
 def builtin_ranking(policy: Policy) -> str | None:

@@ -27,12 +27,13 @@ RANK_PYTHON, RANK_LRU, RANK_FIFO, RANK_LFU, RANK_DECAY, RANK_BELADY = 0, 1, 2, 3
 PREFILL, BYPASS, FIRST, NEW_ROUTING = 1, 2, 4, 8
 # scalars: the clock, then the counter deltas in moe_env.cache.Counters' field order, then the event serial
 CLOCK, HITS, MISSES, PREFILL_HITS, PREFILL_MISSES, PF_ISSUED, PF_USED, PF_WASTED = 0, 1, 2, 3, 4, 5, 6, 7
-EVICTIONS, BYTES, FIRST_HITS, FIRST_MISSES, BYPASS_LOADS, SERIAL, PENDING = 8, 9, 10, 11, 12, 13, 14
-NUM_SCALARS = 15  # PENDING: how many (layer, expert) are in flight (0: nothing to clear after an event)
+EVICTIONS, BYTES, FIRST_HITS, FIRST_MISSES, BYPASS_LOADS = 8, 9, 10, 11, 12
+SERIAL, PENDING, AFFINITY_PREVIOUS = 13, 14, 15
+NUM_SCALARS = 16  # PENDING: how many (layer, expert) are in flight; AFFINITY_PREVIOUS: the last decode event
 NEVER = np.int64(2**62)  # belady: no next access
 
 
-@numba.njit(cache=True, inline="always")
+@numba.njit(cache=True, error_model="numpy")
 def _candidates(pools, key_in, pool, pending, stamp, serial, allow_in_flight, ordered, cand):  # pragma: no cover
     """Residents of `pool` not protected by this event (ascending if `ordered`: what a Python scorer is handed);
     in-flight ones only if nothing else is left."""
@@ -56,7 +57,7 @@ def _candidates(pools, key_in, pool, pending, stamp, serial, allow_in_flight, or
     return 0
 
 
-@numba.njit(cache=True, inline="always")
+@numba.njit(cache=True, error_model="numpy")
 def _ranked(rank, cand, n, ints, decay_table, nxt):  # pragma: no cover - compiled
     """The candidate with the lowest (score, last use, key) under a built-in ranking (state flat per key)."""
     best, best_score, best_used = -1, 0.0, 0
@@ -82,7 +83,7 @@ def _ranked(rank, cand, n, ints, decay_table, nxt):  # pragma: no cover - compil
     return best
 
 
-@numba.njit(cache=True, inline="always")
+@numba.njit(cache=True, error_model="numpy")
 def _evict(key, ints, flags, key_in, pools, layer_pool, scalars, num_experts):  # pragma: no cover - compiled
     slot = ints[0, key]
     ints[0, key] = -1
@@ -98,15 +99,111 @@ def _evict(key, ints, flags, key_in, pools, layer_pool, scalars, num_experts):  
     return slot
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
+def _block_sum(a, lo, n):  # pragma: no cover - compiled
+    """numpy's pairwise_sum for n <= 128: a plain loop below 8, else eight interleaved accumulators."""
+    if n < 8:
+        res = 0.0
+        for i in range(lo, lo + n):
+            res += a[i]
+        return res
+    r0, r1, r2, r3 = a[lo], a[lo + 1], a[lo + 2], a[lo + 3]
+    r4, r5, r6, r7 = a[lo + 4], a[lo + 5], a[lo + 6], a[lo + 7]
+    i = 8
+    while i < n - n % 8:
+        r0 += a[lo + i]
+        r1 += a[lo + i + 1]
+        r2 += a[lo + i + 2]
+        r3 += a[lo + i + 3]
+        r4 += a[lo + i + 4]
+        r5 += a[lo + i + 5]
+        r6 += a[lo + i + 6]
+        r7 += a[lo + i + 7]
+        i += 8
+    res = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
+    while i < n:
+        res += a[lo + i]
+        i += 1
+    return res
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _pairwise_sum(a, n):  # pragma: no cover - compiled
+    """numpy's pairwise summation of a[:n] (what ndarray.sum does along a contiguous axis), bit for bit: above 128
+    elements the halves (the first a multiple of 8) are summed apart and added. Iterative: numba's cache does not
+    take recursive functions."""
+    if n <= 128:
+        return _block_sum(a, 0, n)
+    depth = 64
+    los = np.empty(depth, dtype=np.int64)
+    sizes = np.empty(depth, dtype=np.int64)
+    lefts = np.empty(depth)
+    stage = np.zeros(depth, dtype=np.int64)  # 0: left half next, 1: right half next
+    los[0], sizes[0], stage[0] = 0, n, 0
+    top = 1
+    value = 0.0
+    have_value = False
+    while top > 0:
+        f = top - 1
+        if have_value:  # a child finished: the left half waits for the right one, the right completes the frame
+            if stage[f] == 0:
+                lefts[f] = value
+                stage[f] = 1
+                have_value = False
+            else:
+                value = lefts[f] + value
+                top -= 1
+                continue
+        half = sizes[f] // 2
+        half -= half % 8
+        child_lo = los[f] if stage[f] == 0 else los[f] + half
+        child_n = half if stage[f] == 0 else sizes[f] - half
+        if child_n <= 128:
+            value = _block_sum(a, child_lo, child_n)
+            have_value = True
+        else:
+            los[top], sizes[top], stage[top] = child_lo, child_n, 0
+            top += 1
+    return value
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _affinity_requests(counts, layer, experts, lo, hi, k, num_experts, scratch, out, first):  # pragma: no cover
+    """policies.affinity's prefetch: the top k of the mean over the event's experts of their rows of `counts`
+    normalised to sum 1 (numpy's order of operations), descending, ties to the lower expert, NaN last."""
+    scores, taken = scratch[0], scratch[1]
+    for x in range(num_experts):
+        scores[x] = 0.0
+        taken[x] = 0.0
+    for i in range(lo, hi):
+        row = counts[layer, experts[i]]
+        total = _pairwise_sum(row, num_experts)
+        for x in range(num_experts):
+            scores[x] += row[x] / total
+    for x in range(num_experts):
+        scores[x] /= hi - lo
+    for j in range(k):
+        best = -1
+        for x in range(num_experts):
+            if taken[x]:
+                continue
+            if best < 0 or (not np.isnan(scores[x]) and (np.isnan(scores[best]) or scores[x] > scores[best])):
+                best = x
+        taken[best] = 1.0
+        out[first + j] = (layer + 1) * num_experts + best
+
+
+@numba.njit(cache=True, error_model="numpy")
 def advance(ints, flags, key_in, pools, layer_pool, scalars, stamp, ev, acc_off, experts, req_off, req_key,
             acc_out, req_out, cursor, cand, victim, ev_to, rank, decay, decay_table, following, nxt,
-            num_experts, expert_bytes, python_prefetch):  # pragma: no cover - compiled  # fmt: skip
+            num_experts, expert_bytes, python_prefetch, counts, affinity_k, scratch):  # pragma: no cover  # fmt: skip
     """Route events cursor[0]..ev_to-1 (see the module docstring). State: ints [4, L, E] (slot, last use, use
     count, load clock), flags [2, L, E] (in flight, prefetched unused), key_in (every pool's slots), pools [P, 3]
     (first slot, size, filled), scalars. Per access acc_out = (1 hit | 2 was in flight, slot, evicted key or -1);
     per request req_out = (slot or -1 when dropped, evicted key or -1). cursor: (event, position, phase, event
-    begun, candidates, clock already ticked)."""
+    begun, candidates, clock already ticked). ``affinity_k`` > 0: policies.affinity's observe and prefetch on its
+    `counts` table [L, E, E], the requests written into the event's req_key slots (k reserved per decode event
+    of a layer that has a next one)."""
     # flat per key (layer * E + expert): no division on the hot path
     ints = ints.reshape((4, -1))
     flags = flags.reshape((2, -1))
@@ -131,6 +228,13 @@ def advance(ints, flags, key_in, pools, layer_pool, scalars, stamp, ev, acc_off,
                     for x in range(base, base + num_experts):
                         decay_table[x] *= decay
                     decay_table[base + experts[i]] += 1.0
+            if affinity_k > 0 and not flag & PREFILL:  # affinity's observe: co-activation with the layer before
+                previous = scalars[AFFINITY_PREVIOUS]
+                if previous >= 0 and ev[previous, 1] == ev[e, 1] and ev[previous, 0] == layer - 1:
+                    for i in range(acc_off[previous], acc_off[previous + 1]):
+                        for j in range(lo, hi):
+                            counts[layer - 1, experts[i], experts[j]] += 1.0
+                scalars[AFFINITY_PREVIOUS] = e
         serial = scalars[SERIAL]
         if cursor[2] == 0:
             i = cursor[1]
@@ -205,6 +309,8 @@ def advance(ints, flags, key_in, pools, layer_pool, scalars, stamp, ev, acc_off,
         r = cursor[1]
         if r < 0:  # requests never evict an expert requested in the same call (nor the event's own)
             r = req_off[e]
+            if affinity_k > 0 and not flag & PREFILL and layer + 1 < counts.shape[0]:
+                _affinity_requests(counts, layer, experts, lo, hi, affinity_k, num_experts, scratch, req_key, r)
             for q in range(req_off[e], req_off[e + 1]):
                 stamp[req_key[q]] = serial
         while r < req_off[e + 1]:
@@ -249,7 +355,7 @@ def advance(ints, flags, key_in, pools, layer_pool, scalars, stamp, ev, acc_off,
     return DONE
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def timeline(ev, acc_off, experts, req_off, req_key, acc_out, req_out, e_from, e_to, num_experts, copy_s,
              expert_s, layer_s, ready, out):  # pragma: no cover - compiled  # fmt: skip
     """moe_env.sim.Replayer's time model over events e_from..e_to-1 of one sequence (the link idle and every copy

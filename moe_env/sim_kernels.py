@@ -40,6 +40,9 @@ def _prefetch_keys(seq: SequenceTrace, steps, layers, prefetcher: Policy | None,
         keys = np.zeros((len(steps), k), dtype=np.int64)
         keys[valid] = np.argsort(-logits, axis=1, kind="stable")[:, :k] + ((layers[valid] + 1) * num_experts)[:, None]
         return keys, valid
+    if kind == "affinity":  # slots only: the kernel writes the requests from the prefetcher's table
+        k = min(getattr(prefetcher, "k", None) or spec.top_k, capacity)
+        return np.zeros((len(steps), k), dtype=np.int64), layers + 1 < num_layers
     if kind == "oracle":
         target_step = np.where(layers + 1 < num_layers, steps, steps + 1)
         target_layer = np.where(layers + 1 < num_layers, layers + 1, 0)

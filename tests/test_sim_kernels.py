@@ -15,7 +15,7 @@ from moe_env.trace import SequenceTrace, TraceMeta
 
 COST = CostModel(HardwareProfile("test", 1.0, 0.0, 10.0, 0.5), ExpertProfile("test", 1_000_000_000, 2, 4, 1))
 EVICTION = ["lru", "lfu", "fifo", "belady", "lfu-decay:decay=0.8", "lrfu:lam=0.3", "random:seed=3"]
-PREFETCH = [None, "lookahead", "oracle"]
+PREFETCH = [None, "lookahead", "oracle", "affinity", "affinity:prior=0.0"]  # prior 0: NaN scores (0 / 0)
 
 
 class PythonLRU(Policy):
@@ -53,6 +53,7 @@ def _kernel(meta, sequences, policy, allocation, warm, prefill):
     return accesses, prefetches, replayer.finish()
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered in divide")  # affinity with prior 0
 @settings(max_examples=25, deadline=None)
 @given(
     seed=st.integers(0, 2**31),
@@ -112,7 +113,14 @@ def test_kernel_replay_decides_as_route_per_event(seed, experts, top_k, extra, p
 
 def test_python_hooks_route_per_event():
     meta = TraceMeta("toy", 2, 4, 1, "test", expert_bytes=1)
-    for spec in [("lru", "affinity"), ("lfuda", None)]:
+    class NextExpert(Policy):  # a prefetcher of the plug-in's own: its prefetch runs in Python per event
+        prefetch_only = True
+        name = "next-expert"
+
+        def prefetch(self, event, cache):
+            return [((event.layer + 1) % 2, (event.experts[0] + 1) % 4)]
+
+    for spec in [("lru", NextExpert()), ("lfuda", None)]:
         replayer = Replayer(meta, build_policy(*spec), 2, COST)
         assert not replayer.cache.routes_in_kernel, spec
         with pytest.raises(ValueError, match="route each event"):
@@ -124,3 +132,12 @@ def test_lru_kernel_on_a_list_of_events():
     # two slots: [0, 1] miss miss; [2] evicts 0; [0] evicts 1 (the least recent); [2] hit
     assert lru_kernel([[0, 1], [2], [0], [2]], 2, 3, flags) == 2
     assert list(flags) == [0, 0, 0, 0, 1]
+
+
+def test_affinitys_row_sums_are_numpys_bit_for_bit():
+    from moe_env.cache_kernel import _pairwise_sum
+
+    rng = np.random.default_rng(0)
+    for n in [*range(1, 140), 255, 256, 300, 1000]:  # below 8, the 8-accumulator blocks, the split halves
+        row = rng.random(n) * rng.integers(1, 10**6, size=n)
+        assert _pairwise_sum(row, n) == row.sum(), n

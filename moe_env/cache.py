@@ -125,7 +125,8 @@ def _read_only(array: np.ndarray) -> np.ndarray:
 
 
 _COUNTER_FIELDS = tuple(f for f in Counters.__dataclass_fields__)  # the kernel's counter deltas, in this order
-BUILTIN_RANKINGS = ("lru", "fifo", "lfu", "lfu-decay", "belady")  # Policy.replay_kernel values ranked in the kernel
+# Policy.replay_kernel values ranked in the kernel
+BUILTIN_RANKINGS = ("lru", "fifo", "lfu", "lfu-decay", "belady", "random")
 BUILTIN_PREFETCHERS = ("lookahead", "oracle", "affinity")  # Policy.replay_prefetch values a replay takes from the trace
 
 
@@ -219,6 +220,7 @@ class ExpertCacheState:
         self._cand = np.zeros(max(1, int(sizes.max())), dtype=np.int64)
         self._no_table, self._no_index = np.zeros((1, 1)), np.zeros(1, dtype=np.int64)
         self._no_counts, self._scratch = np.zeros((1, 1, 1)), np.zeros((2, experts))
+        self._no_rng = np.random.default_rng(0)  # the kernel's generator argument when the ranking draws nothing
         self._started = False
         self.begin_sequence()
 
@@ -318,9 +320,10 @@ class ExpertCacheState:
     def _kernel_rank(self, ranking: str | None, evict: Policy) -> tuple[int, float, np.ndarray | None]:
         from moe_env import cache_kernel as k
 
+        self._rng = evict.generator if ranking == "random" else self._no_rng
         if ranking == "lfu-decay":
             return k.RANK_DECAY, float(evict.decay), evict.score_table
-        ranks = {"lru": k.RANK_LRU, "fifo": k.RANK_FIFO, "lfu": k.RANK_LFU}
+        ranks = {"lru": k.RANK_LRU, "fifo": k.RANK_FIFO, "lfu": k.RANK_LFU, "random": k.RANK_RANDOM}
         return ranks.get(ranking or "", k.RANK_PYTHON), 1.0, None  # belady: ranked in the kernel in replay only
 
     def _empty(self) -> None:
@@ -443,7 +446,7 @@ class ExpertCacheState:
                             self._cand, victim, end, rank, self._decay,
                             self._no_table if self._decay_table is None else self._decay_table, following, nxt,
                             self.spec.num_experts, self.spec.expert_bytes, python_prefetch, counts, affinity_k,
-                            self._scratch)  # fmt: skip
+                            self._scratch, self._rng)  # fmt: skip
 
     def _plan(self, event: RouteEvent, accesses: list, requests: list, placed: list) -> Plan:
         num_experts = self.spec.num_experts

@@ -11,7 +11,7 @@ show policies), and stops where Python must act:
   call again with that event's requests in ``req_off``/``req_key``;
 - ``DONE``: ``cursor[0] == ev_to``.
 
-A built-in ranking (RANK_LRU, _FIFO, _LFU, _DECAY, _BELADY) picks the victim inside the loop: the lowest
+A built-in ranking (RANK_LRU, _FIFO, _LFU, _DECAY, _BELADY, _RANDOM) picks the victim inside the loop: the lowest
 (score, last use, key), the order ExpertCacheState documents. The semantics are those of moe_env.cache's module
 docstring; this is their only implementation.
 """
@@ -22,7 +22,7 @@ import numba
 import numpy as np
 
 DONE, NEED_VICTIM, NEED_PREFETCH = 0, 1, 2
-RANK_PYTHON, RANK_LRU, RANK_FIFO, RANK_LFU, RANK_DECAY, RANK_BELADY = 0, 1, 2, 3, 4, 5
+RANK_PYTHON, RANK_LRU, RANK_FIFO, RANK_LFU, RANK_DECAY, RANK_BELADY, RANK_RANDOM = 0, 1, 2, 3, 4, 5, 6
 # event flags (ev[:, 2])
 PREFILL, BYPASS, FIRST, NEW_ROUTING = 1, 2, 4, 8
 # scalars: the clock, then the counter deltas in moe_env.cache.Counters' field order, then the event serial
@@ -58,8 +58,10 @@ def _candidates(pools, key_in, pool, pending, stamp, serial, allow_in_flight, or
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _ranked(rank, cand, n, ints, decay_table, nxt):  # pragma: no cover - compiled
-    """The candidate with the lowest (score, last use, key) under a built-in ranking (state flat per key)."""
+def _ranked(rank, cand, n, ints, decay_table, nxt, rng):  # pragma: no cover - compiled
+    """The candidate with the lowest (score, last use, key) under a built-in ranking (state flat per key). Random
+    draws one number per candidate in ascending key order from the policy's own generator, as its
+    eviction_scores does (numba's Generator advances the same bit generator state)."""
     best, best_score, best_used = -1, 0.0, 0
     for j in range(n):
         key = cand[j]
@@ -71,6 +73,8 @@ def _ranked(rank, cand, n, ints, decay_table, nxt):  # pragma: no cover - compil
             score = float(ints[2, key])
         elif rank == RANK_DECAY:
             score = decay_table[key]
+        elif rank == RANK_RANDOM:
+            score = rng.random()
         else:
             score = -np.inf if nxt[key] >= NEVER else -float(nxt[key])
         used = ints[1, key]
@@ -196,7 +200,8 @@ def _affinity_requests(counts, layer, experts, lo, hi, k, num_experts, scratch, 
 @numba.njit(cache=True, error_model="numpy")
 def advance(ints, flags, key_in, pools, layer_pool, scalars, stamp, ev, acc_off, experts, req_off, req_key,
             acc_out, req_out, cursor, cand, victim, ev_to, rank, decay, decay_table, following, nxt,
-            num_experts, expert_bytes, python_prefetch, counts, affinity_k, scratch):  # pragma: no cover  # fmt: skip
+            num_experts, expert_bytes, python_prefetch, counts, affinity_k, scratch,
+            rng):  # pragma: no cover - compiled  # fmt: skip
     """Route events cursor[0]..ev_to-1 (see the module docstring). State: ints [4, L, E] (slot, last use, use
     count, load clock), flags [2, L, E] (in flight, prefetched unused), key_in (every pool's slots), pools [P, 3]
     (first slot, size, filled), scalars. Per access acc_out = (1 hit | 2 was in flight, slot, evicted key or -1);
@@ -210,7 +215,7 @@ def advance(ints, flags, key_in, pools, layer_pool, scalars, stamp, ev, acc_off,
     decay_table = decay_table.reshape(-1)
     slot_of, last_use, use_count, loaded_at = ints[0], ints[1], ints[2], ints[3]
     pending, unused = flags[0], flags[1]
-    ordered = rank == RANK_PYTHON  # a Python scorer is handed its candidates ascending
+    ordered = rank == RANK_PYTHON or rank == RANK_RANDOM  # in the order a Python scorer is handed them: ascending
     while cursor[0] < ev_to:
         e = cursor[0]
         layer, flag = ev[e, 0], ev[e, 2]
@@ -277,7 +282,7 @@ def advance(ints, flags, key_in, pools, layer_pool, scalars, stamp, ev, acc_off,
                             if rank == RANK_PYTHON:
                                 cursor[1], cursor[4], cursor[5] = i, n, 1
                                 return NEED_VICTIM
-                            evicted = _ranked(rank, cand, n, ints, decay_table, nxt)
+                            evicted = _ranked(rank, cand, n, ints, decay_table, nxt, rng)
                         slot = _evict(evicted, ints, flags, key_in, pools, layer_pool, scalars, num_experts)
                     slot_of[key] = slot
                     key_in[pools[pool, 0] + slot] = key
@@ -338,7 +343,7 @@ def advance(ints, flags, key_in, pools, layer_pool, scalars, stamp, ev, acc_off,
                     if rank == RANK_PYTHON:
                         cursor[1], cursor[4] = r, n
                         return NEED_VICTIM
-                    evicted = _ranked(rank, cand, n, ints, decay_table, nxt)
+                    evicted = _ranked(rank, cand, n, ints, decay_table, nxt, rng)
                 slot = _evict(evicted, ints, flags, key_in, pools, layer_pool, scalars, num_experts)
             slot_of[key] = slot
             key_in[pools[pool, 0] + slot] = key

@@ -208,6 +208,7 @@ class ExpertCacheState:
         self._flags = np.zeros((2, layers, experts), dtype=np.bool_)  # in flight, prefetched and not yet used
         self._pending, self._prefetched_unused = self._flags
         self._scalars = np.zeros(cache_kernel.NUM_SCALARS, dtype=np.int64)
+        self._deltas = self._scalars[1 : 1 + len(_COUNTER_FIELDS)]
         self._stamp = np.zeros(layers * experts, dtype=np.int64)
         self._read_only_views = tuple(_read_only(a) for a in (self._last_use, self._use_count, self._loaded_at))
         # one event's buffers for route(), reused
@@ -220,7 +221,7 @@ class ExpertCacheState:
         self._cand = np.zeros(max(1, int(sizes.max())), dtype=np.int64)
         self._no_table, self._no_index = np.zeros((1, 1)), np.zeros(1, dtype=np.int64)
         self._no_counts, self._scratch = np.zeros((1, 1, 1)), np.zeros((2, experts))
-        self._no_rng = np.random.default_rng(0)  # the kernel's generator argument when the ranking draws nothing
+        self._no_rng = np.zeros(0)  # the kernel's generator argument when the ranking draws nothing
         self._started = False
         self.begin_sequence()
 
@@ -239,13 +240,13 @@ class ExpertCacheState:
 
     def _fold_counters(self) -> None:
         """Add the kernel's counter deltas to the Counters (after every call that routes)."""
-        deltas = self._scalars[1 : 1 + len(_COUNTER_FIELDS)]
-        if deltas.any():
-            counters = self._counters
-            for name, delta in zip(_COUNTER_FIELDS, deltas.tolist(), strict=True):
-                if delta:
-                    setattr(counters, name, getattr(counters, name) + delta)
-            deltas[:] = 0
+        deltas = self._deltas
+        values = deltas.tolist()
+        counters = self._counters.__dict__  # a plain dataclass: its fields are its __dict__
+        for name, delta in zip(_COUNTER_FIELDS, values, strict=True):
+            if delta:
+                counters[name] += delta
+        deltas[:] = 0
 
     def layer_capacity(self, layer: int) -> int:
         """The most experts of `layer` that can be resident at once (its pool's slots, at most all experts)."""

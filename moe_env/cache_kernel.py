@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import numba
 import numpy as np
+from numba.core import types
+from numba.extending import overload
 
 DONE, NEED_VICTIM, NEED_PREFETCH = 0, 1, 2
 RANK_PYTHON, RANK_LRU, RANK_FIFO, RANK_LFU, RANK_DECAY, RANK_BELADY, RANK_RANDOM = 0, 1, 2, 3, 4, 5, 6
@@ -31,6 +33,19 @@ EVICTIONS, BYTES, FIRST_HITS, FIRST_MISSES, BYPASS_LOADS = 8, 9, 10, 11, 12
 SERIAL, PENDING, AFFINITY_PREVIOUS = 13, 14, 15
 NUM_SCALARS = 16  # PENDING: how many (layer, expert) are in flight; AFFINITY_PREVIOUS: the last decode event
 NEVER = np.int64(2**62)  # belady: no next access
+
+
+def _draw(rng):  # pragma: no cover - replaced by the overload below in compiled code
+    """One float from `rng` (a numpy Generator); 0.0 for the placeholder array passed when nothing draws."""
+
+
+@overload(_draw)
+def _draw_overload(rng):
+    # two specialisations of the kernel: with a Generator (random ranks) or an array (unboxing a Generator costs
+    # three ctypes casts per call, which route() would pay per event)
+    if isinstance(rng, types.NumPyRandomGeneratorType):
+        return lambda rng: rng.random()
+    return lambda rng: 0.0
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -74,7 +89,7 @@ def _ranked(rank, cand, n, ints, decay_table, nxt, rng):  # pragma: no cover - c
         elif rank == RANK_DECAY:
             score = decay_table[key]
         elif rank == RANK_RANDOM:
-            score = rng.random()
+            score = _draw(rng)
         else:
             score = -np.inf if nxt[key] >= NEVER else -float(nxt[key])
         used = ints[1, key]

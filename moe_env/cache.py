@@ -21,6 +21,8 @@ Layout (moe_env.allocation.Allocation): slot pools, each serving one layer (unif
   budget) installs nothing: resident experts are hits, the others are computed from copies that are not kept;
 - ``begin_sequence(warm=True)`` keeps the residents, the clock and the policy's persistent state between
   requests; cold (the default) empties everything.
+
+These rules are implemented once, compiled, in moe_env.cache_kernel, over this class's state arrays.
 """
 
 from __future__ import annotations
@@ -545,8 +547,8 @@ def event_flags(prefill: bool, bypass: bool, step: int) -> int:
 
 
 def builtin_prefetcher(policy: Policy) -> Policy | None:
-    """The part of `policy` whose requests a replay reads off the trace (its class's own ``replay_prefetch``,
-    lookahead or oracle: moe_env.sim_kernels builds them), else None."""
+    """The part of `policy` whose prefetch a kernel replay does itself (its class's own ``replay_prefetch``:
+    lookahead and oracle, requests built by moe_env.sim_kernels; affinity, run in the kernel), else None."""
     part = policy
     if isinstance(policy, CombinedPolicy) and type(policy).prefetch is CombinedPolicy.prefetch:
         if _overrides(policy.evict, "prefetch"):

@@ -1,10 +1,11 @@
-"""General-path simulator throughput of two checkouts side by side, interleaved in one run (before/after a change).
+"""Simulator throughput of two checkouts side by side, interleaved in one run (before/after a change).
 
     python bench/sim_ab.py --base ../main/.venv/bin/python --head .venv/bin/python [--rounds 2] [--trace SPEC]
 
-Each checkout's Python (an editable install of that tree) replays the same trace through the same policies with
-``fast=False`` in a fresh process, alternating base and head for --rounds rounds; accesses per CPU-second, the
-median over every repeat of every round, and head / base.
+Each checkout's Python (an editable install of that tree) replays the same trace through the same policies in a
+fresh process, alternating base and head for --rounds rounds, on two paths: ``route`` (``fast=False``: one
+ExpertCacheState.route call per event, the env's and the engine's path) and ``default`` (what ``simulate`` does
+unless told otherwise); accesses per CPU-second, the median over every repeat of every round, and head / base.
 """
 
 from __future__ import annotations
@@ -23,13 +24,15 @@ from moe_env.sim import cost_model_for, simulate
 from moe_env.trace import load_trace
 trace = load_trace(sys.argv[1])
 cost = cost_model_for(trace.meta, "consumer-pcie4")
+simulate(trace, "lru", 4, cost)  # compiled code loaded before any timing
 for run in sys.argv[3].split(","):
     policy, _, prefetch = run.partition("+")
     built = build_policy(policy, prefetch or None)
-    for _ in range(int(sys.argv[2])):
-        start = time.process_time()
-        simulate(trace, built, 4, cost, fast=False)
-        print(run, trace.num_accesses / (time.process_time() - start))
+    for path, fast in (("route", False), ("default", True)):
+        for _ in range(int(sys.argv[2])):
+            start = time.process_time()
+            simulate(trace, built, 4, cost, fast=fast)
+            print(f"{run} ({path})", trace.num_accesses / (time.process_time() - start))
 """
 
 

@@ -2,10 +2,13 @@
 
 The reference is the least a simulator must do: a minimal pure-Python per-layer LRU over the same decode
 accesses (no timing, no counters beyond hits). Medians over --repeat runs of CPU time, one core, side by side.
-Policies are built once per row (the plug-in registry lookup, ~2 ms per spec, is printed apart). The fast
-kernels are compiled by numba on first use: the compile time (from scratch, in a subprocess with an empty
-NUMBA_CACHE_DIR) and this process's first fast call (the cached machine code loaded) are printed apart and never
-counted in a rate (each rate is the median of --repeat runs after that first call).
+Policies are built once per row (the plug-in registry lookup, ~2 ms per spec, is printed apart). Two paths, same
+decisions: ``kernel`` (the default replay: a sequence at a time through the cache kernel, built-in rankings and
+prefetchers inside it, Python only for a plug-in's own victims) and ``route`` (``fast=False``: one
+ExpertCacheState.route call per event, what the env and the engine do; also the default for plug-ins with Python
+observe/prefetch hooks, printed as kernel=route). numba compiles the kernel on first use: the compile time (from
+scratch, in a subprocess with an empty NUMBA_CACHE_DIR) and this process's first call (the cached machine code
+loaded) are printed apart and never counted in a rate (each rate is the median of --repeat runs after that).
 
     nice -n 10 .venv/bin/python bench/sim_speed.py [--trace SPEC] [--slots 4] [--repeat 5] [--learned-trace SPEC]
 
@@ -26,13 +29,12 @@ import time
 from pathlib import Path
 
 from moe_env.policy import build_policy
-from moe_env.sim import cost_model_for, simulate
+from moe_env.sim import Replayer, cost_model_for, simulate
 from moe_env.trace import Trace, load_trace
 
 DEFAULT_TRACE = Path(__file__).resolve().parents[1].parent / "shared" / "traces" / "mixtral-8x7b-gsm8k-routing.jsonl"
 HEURISTICS = ["lru", "lfu", "fifo", "belady", "random:seed=0", "lfu-decay:decay=0.9", "lrfu:lam=0.1", "lfuda"]
 PREFETCHERS = [None, "lookahead", "affinity", "oracle"]
-FAST = ("lru", "lfu", "fifo", "belady")  # the scorers with a replay kernel (demand-only runs)
 LEARNED = ["flat-predictor", "ppo"]  # timed on --learned-trace (flat-predictor runs on tiny-mixtral only)
 RUNS = [(policy, prefetch) for prefetch in PREFETCHERS for policy in HEURISTICS]
 
@@ -96,14 +98,16 @@ def table(trace: Trace, label: str, slots: int, repeat: int, profile: str, runs:
     print(f"{'reference LRU loop':<42}{reference:>12,.0f}{1.0:>14.3f}")
     lookup = statistics.median(_time(lambda: build_policy("lru")) for _ in range(repeat))
     print(f"(plug-in registry lookup per policy spec: {1e3 * lookup:.1f} ms, not included below)")
-    print(f"(first fast call in this process, JIT load included: {first:.2f} s, not included below)")
+    print(f"(first kernel call in this process, JIT load included: {first:.2f} s, not included below)")
     for policy, prefetch in runs:
         for fast in (True, False):
-            if fast and (prefetch or policy not in FAST):
-                continue
             built = build_policy(policy, prefetch)
+            in_kernel = Replayer(trace.meta, built, slots, cost).cache.routes_in_kernel
+            if fast and not in_kernel:
+                print(f"{policy:<22}{prefetch or 'none':<11}{'kernel':<9}{'= route':>12}{'(hooks)':>14}")
+                continue
             rate = median_rate(lambda b=built, q=fast: simulate(trace, b, slots, cost, fast=q), accesses, repeat)
-            path = "fast" if fast else "general"
+            path = "kernel" if fast else "route"
             print(f"{policy:<22}{prefetch or 'none':<11}{path:<9}{rate:>12,.0f}{rate / reference:>14.3f}", flush=True)
 
 
@@ -113,21 +117,20 @@ from moe_env.sim import simulate
 from moe_env.trace import load_trace
 trace = load_trace("builtin:tiny-mixtral/eval")
 start, cpu = time.perf_counter(), time.process_time()
-for policy in ("lru", "lfu", "fifo", "belady"):  # one compiled kernel for all four; timing pass alike
-    simulate(trace, policy, 4)
+simulate(trace, "lru", 4)  # one compiled kernel for every policy; the timing pass alike
 print(time.perf_counter() - start, time.process_time() - cpu)
 """
 
 
 def jit_compile_time() -> None:
-    """The fast kernels' first call in a fresh process: with an empty numba cache (compiled from scratch, what a
+    """The cache kernel's first call in a fresh process: with an empty numba cache (compiled from scratch, what a
     clean checkout pays once) and with the cache that run left (loaded)."""
     with tempfile.TemporaryDirectory() as cache:
         env = os.environ | {"NUMBA_CACHE_DIR": cache}
         for label in ("compile from scratch", "load from cache"):
             out = subprocess.run([sys.executable, "-c", JIT_PROBE], env=env, check=True, capture_output=True, text=True)
             wall, cpu = (float(x) for x in out.stdout.split())
-            print(f"fast kernels' first call in a fresh process, {label}: {wall:.2f} s wall, {cpu:.2f} s CPU")
+            print(f"cache kernel's first call in a fresh process, {label}: {wall:.2f} s wall, {cpu:.2f} s CPU")
     print()
 
 

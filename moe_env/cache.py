@@ -21,6 +21,8 @@ Layout (moe_env.allocation.Allocation): slot pools, each serving one layer (unif
   budget) installs nothing: resident experts are hits, the others are computed from copies that are not kept;
 - ``begin_sequence(warm=True)`` keeps the residents, the clock and the policy's persistent state between
   requests; cold (the default) empties everything.
+
+These rules are implemented once, compiled, in moe_env.cache_kernel, over this class's state arrays.
 """
 
 from __future__ import annotations
@@ -124,16 +126,27 @@ def _read_only(array: np.ndarray) -> np.ndarray:
     return view
 
 
-class _Pool:
-    """Slots shared by `layers`; a slot holds the key layer * E + expert (-1: free)."""
+_COUNTER_FIELDS = tuple(f for f in Counters.__dataclass_fields__)  # the kernel's counter deltas, in this order
+# Policy.replay_kernel values ranked in the kernel
+BUILTIN_RANKINGS = ("lru", "fifo", "lfu", "lfu-decay", "belady", "random")
+BUILTIN_PREFETCHERS = ("lookahead", "oracle", "affinity")  # Policy.replay_prefetch values a replay takes from the trace
 
-    __slots__ = ("filled", "key_in", "layers", "size")
 
-    def __init__(self, size: int, layers: tuple[int, ...]):
-        self.size = size
-        self.layers = layers
-        self.key_in = [-1] * size
-        self.filled = 0  # slots 0..filled-1 are taken (a slot is freed only by emptying the whole cache)
+@dataclass
+class EventArrays:
+    """Events in the kernel's CSR form (moe_env.cache_kernel): ``ev`` [n, 3] (layer, step, flags), accesses
+    ``experts[acc_off[i]:acc_off[i + 1]]``, prefetch requests ``req_key[req_off[i]:req_off[i + 1]]`` (keys layer
+    * E + expert); the kernel writes ``acc_out`` [accesses, 3] and ``req_out`` [requests, 2]. ``following``: per
+    access the index of the next access of the same key (belady ranked in the kernel), else None."""
+
+    ev: np.ndarray
+    acc_off: np.ndarray
+    experts: np.ndarray
+    req_off: np.ndarray
+    req_key: np.ndarray
+    acc_out: np.ndarray
+    req_out: np.ndarray
+    following: np.ndarray | None = None
 
 
 class ExpertCacheState:
@@ -141,6 +154,11 @@ class ExpertCacheState:
 
     ``capacity``: an int (that many slots per layer, uniform) or an Allocation. ``prefill``: "chunked" (the
     prompt's experts go through the cache in pool-sized chunks) or "bypass".
+
+    The state is arrays (slot, last use, use count, load clock per (layer, expert); in-flight and
+    prefetched-unused flags; every pool's slots), shared with the compiled rules in moe_env.cache_kernel: ``route``
+    hands them one event, ``route_events`` a sequence of events; Python is consulted only for a victim when the
+    policy ranks in Python, and for the plug-in's own ``observe`` and ``prefetch``.
     """
 
     def __init__(
@@ -167,49 +185,96 @@ class ExpertCacheState:
                 f"policy {policy.name!r} does not rank victims across layers (ranks_across_layers is False): "
                 "use it with allocation uniform or profile"
             )
+        from moe_env import cache_kernel  # numba: imported by the first cache, never by `import moe_env`
+
+        self._kernel = cache_kernel.advance
         self.spec = spec
         self.allocation = allocation
         self.capacity = max(allocation.layer_slots(layer) for layer in range(spec.num_layers))
         self.prefill = prefill
         self.policy = policy
         self.oracle = oracle
-        self.counters = Counters()
+        self._counters = Counters()
         self._layer_slots = [allocation.layer_slots(layer) for layer in range(spec.num_layers)]
         self._bypass_above = [allocation.share(layer) for layer in range(spec.num_layers)]
-        self._clock = 0
+        layers, experts = spec.num_layers, spec.num_experts
+        sizes = np.asarray(allocation.pool_slots, dtype=np.int64)
+        self._pools = np.zeros((len(sizes), 3), dtype=np.int64)  # first slot, size, filled
+        self._pools[:, 0] = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        self._pools[:, 1] = sizes
+        self._pool_shared = [allocation.layer_pool.count(p) > 1 for p in range(len(sizes))]
+        self._layer_pool = np.asarray(allocation.layer_pool, dtype=np.int64)
+        self._key_in = np.full(int(sizes.sum()), -1, dtype=np.int64)
+        self._ints = np.zeros((4, layers, experts), dtype=np.int64)  # slot, last use, use count, load clock
+        self._slot_of, self._last_use, self._use_count, self._loaded_at = self._ints
+        self._flags = np.zeros((2, layers, experts), dtype=np.bool_)  # in flight, prefetched and not yet used
+        self._pending, self._prefetched_unused = self._flags
+        self._scalars = np.zeros(cache_kernel.NUM_SCALARS, dtype=np.int64)
+        self._deltas = self._scalars[1 : 1 + len(_COUNTER_FIELDS)]
+        self._stamp = np.zeros(layers * experts, dtype=np.int64)
+        self._read_only_views = tuple(_read_only(a) for a in (self._last_use, self._use_count, self._loaded_at))
+        # one event's buffers for route(), reused
+        self._ev1 = np.zeros((1, 3), dtype=np.int64)
+        self._acc_off1 = np.zeros(2, dtype=np.int64)
+        self._experts1 = np.zeros(experts, dtype=np.int64)
+        self._acc_out1 = np.zeros((experts, 3), dtype=np.int64)
+        self._no_requests = (np.zeros(2, dtype=np.int64), np.zeros(0, dtype=np.int64), np.zeros((0, 2), np.int64))
+        self._cursor = np.zeros(6, dtype=np.int64)
+        self._cand = np.zeros(max(1, int(sizes.max())), dtype=np.int64)
+        self._no_table, self._no_index = np.zeros((1, 1)), np.zeros(1, dtype=np.int64)
+        self._no_counts, self._scratch = np.zeros((1, 1, 1)), np.zeros((2, experts))
+        self._no_rng = np.zeros(0)  # the kernel's generator argument when the ranking draws nothing
         self._started = False
-        self._prefetched_unused: list[set[int]] = []
         self.begin_sequence()
 
     # -- CacheView -------------------------------------------------------------------------------------------
     @property
     def clock(self) -> int:
-        return self._clock
+        return int(self._scalars[0])
+
+    @property
+    def counters(self) -> Counters:
+        return self._counters
+
+    @counters.setter
+    def counters(self, value: Counters) -> None:
+        self._counters = value
+
+    def _fold_counters(self) -> None:
+        """Add the kernel's counter deltas to the Counters (after every call that routes)."""
+        deltas = self._deltas
+        values = deltas.tolist()
+        counters = self._counters.__dict__  # a plain dataclass: its fields are its __dict__
+        for name, delta in zip(_COUNTER_FIELDS, values, strict=True):
+            if delta:
+                counters[name] += delta
+        deltas[:] = 0
 
     def layer_capacity(self, layer: int) -> int:
         """The most experts of `layer` that can be resident at once (its pool's slots, at most all experts)."""
         return self._layer_slots[layer]
 
     def resident(self, layer: int) -> list[int]:
-        pool = self._pool_of[layer]
-        base, top = layer * self.spec.num_experts, (layer + 1) * self.spec.num_experts
-        return [key - base for key in pool.key_in if base <= key < top]
+        first, _, filled = self._pools[self._layer_pool[layer]].tolist()
+        keys = self._key_in[first : first + filled]
+        base = layer * self.spec.num_experts
+        return (keys[(keys >= base) & (keys < base + self.spec.num_experts)] - base).tolist()
 
     def is_resident(self, layer: int, expert: int) -> bool:
-        return self._slot_of[layer][expert] >= 0
+        return bool(self._slot_of[layer, expert] >= 0)
 
     def slot_of(self, layer: int, expert: int) -> int:
-        return self._slot_of[layer][expert]
+        return int(self._slot_of[layer, expert])
 
     def pool_index(self, layer: int) -> int:
         """The pool whose slots `layer` uses (drivers index their slot tensors by it)."""
         return self.allocation.layer_pool[layer]
 
     def in_flight(self, layer: int) -> list[int]:
-        return sorted(self._pending[layer])
+        return np.flatnonzero(self._pending[layer]).tolist()
 
-    # rows of read-only views made once per sequence: a plug-in that writes into them gets a ValueError instead of
-    # corrupting the cache, at the cost of a row view as before (setting the flag per call costs ~2.5 us)
+    # rows of read-only views made once: a plug-in that writes into them gets a ValueError instead of corrupting
+    # the cache (setting the flag per call costs ~2.5 us)
     def last_use(self, layer: int) -> np.ndarray:
         return self._read_only_views[0][layer]
 
@@ -222,7 +287,7 @@ class ExpertCacheState:
     def next_use(self, layer: int, expert: int) -> float:
         if self.oracle is None:
             raise OracleUnavailable("next_use needs the future: only trace replay (sim, env) provides it")
-        return self.oracle.next_use(layer, expert, self._clock)
+        return self.oracle.next_use(layer, expert, self.clock)
 
     def future_experts(self, step: int, layer: int) -> tuple[int, ...] | None:
         if self.oracle is None:
@@ -239,32 +304,51 @@ class ExpertCacheState:
             self._empty()
             self.policy.reset(self.spec, self.capacity)
         self._started = True
-        # hooks the plug-in leaves at the base class's no-op are not called per event (same decisions, less work)
-        self._observes, self._prefetches = (_overrides(self.policy, hook) for hook in ("observe", "prefetch"))
+        self._bind_hooks()
         self.policy.begin_sequence(self)
 
+    def _bind_hooks(self) -> None:
+        """Which of the plug-in's hooks run in Python, and the ranking the kernel applies itself (if any)."""
+        policy = self.policy
+        combined = isinstance(policy, CombinedPolicy) and type(policy).observe is CombinedPolicy.observe
+        evict = policy.evict if combined else policy
+        self.ranking = builtin_ranking(evict)
+        self._rank, self._decay, self._decay_table = self._kernel_rank(self.ranking, evict)
+        parts = (policy.evict, policy.prefetcher) if combined else (policy,)
+        # lfu-decay's observe is the kernel's (on the policy's own table); others are the plug-in's, when it has one
+        in_kernel = evict if self._decay_table is not None else None
+        self._observers = [part for part in parts if _overrides(part, "observe") and part is not in_kernel]
+        self._prefetches = _overrides(policy, "prefetch")
+
+    def _kernel_rank(self, ranking: str | None, evict: Policy) -> tuple[int, float, np.ndarray | None]:
+        from moe_env import cache_kernel as k
+
+        self._rng = evict.generator if ranking == "random" else self._no_rng
+        if ranking == "lfu-decay":
+            return k.RANK_DECAY, float(evict.decay), evict.score_table
+        ranks = {"lru": k.RANK_LRU, "fifo": k.RANK_FIFO, "lfu": k.RANK_LFU, "random": k.RANK_RANDOM}
+        return ranks.get(ranking or "", k.RANK_PYTHON), 1.0, None  # belady: ranked in the kernel in replay only
+
     def _empty(self) -> None:
-        spec, allocation = self.spec, self.allocation
-        self._clock = 0
-        self._pools = [
-            _Pool(size, tuple(layer for layer, pool in enumerate(allocation.layer_pool) if pool == index))
-            for index, size in enumerate(allocation.pool_slots)
-        ]
-        self._pool_of = [self._pools[p] for p in allocation.layer_pool]
-        self._slot_of = [[-1] * spec.num_experts for _ in range(spec.num_layers)]
-        self._last_use = np.full((spec.num_layers, spec.num_experts), -1, dtype=np.int64)
-        self._use_count = np.zeros((spec.num_layers, spec.num_experts), dtype=np.int64)
-        self._loaded_at = np.full((spec.num_layers, spec.num_experts), -1, dtype=np.int64)
-        self._read_only_views = tuple(_read_only(a) for a in (self._last_use, self._use_count, self._loaded_at))
-        self._pending: list[set[int]] = [set() for _ in range(spec.num_layers)]  # prefetched, not yet used
-        self._prefetched_unused = [set() for _ in range(spec.num_layers)]
+        self._ints[0] = -1
+        self._ints[1] = -1
+        self._ints[2] = 0
+        self._ints[3] = -1
+        self._flags[:] = False
+        self._key_in[:] = -1
+        self._pools[:, 2] = 0
+        self._stamp[:] = 0
+        self._scalars[0] = 0  # the clock; the counter deltas are the counters' own
+        self._scalars[1 + len(_COUNTER_FIELDS) :] = 0  # the event serial, the in-flight count, affinity's last event
 
     def finish(self) -> None:
         """Close the sequence's accounting: prefetched experts not used so far are wasted (warm: a later hit on
         one of them is a plain hit)."""
-        for unused in self._prefetched_unused:
-            self.counters.prefetch_wasted += len(unused)
-            unused.clear()
+        unused = self._prefetched_unused
+        count = int(np.count_nonzero(unused))
+        if count:
+            self._counters.prefetch_wasted += count
+            unused[:] = False
 
     # -- prefill chunking --------------------------------------------------------------------------------------
     def prefill_groups(self, layer: int, experts: list[int] | tuple[int, ...]) -> tuple[list[tuple[int, ...]], bool]:
@@ -278,59 +362,114 @@ class ExpertCacheState:
     def route(self, event: RouteEvent) -> Plan:
         layer, experts = event.layer, event.experts
         self._check_event(event)
-        if self._observes:
-            self.policy.observe(event, self)
-        plan = Plan(event=event)
-        slots, hit, was_in_flight = plan.slots, plan.hit, plan.was_in_flight
-        slot_of, pending, unused = self._slot_of[layer], self._pending[layer], self._prefetched_unused[layer]
-        last_use, use_count = self._last_use[layer], self._use_count[layer]
-        counters = self.counters
-        prefill, bypass = event.prefill, event.bypass
-        clock = self._clock
-        hits = misses = 0  # this event's, added to the counters once
-        protected: dict[int, set[int]] | None = None
-        for expert in experts:
-            clock += 1
-            slot = slot_of[expert]
-            if slot >= 0:
-                hits += 1
-                hit.append(True)
-                was_in_flight.append(expert in pending)
-                if expert in unused:
-                    unused.discard(expert)
-                    counters.prefetch_used += 1
-            elif bypass:
-                misses += 1
-                hit.append(False)
-                was_in_flight.append(False)
-                plan.bypass.append(expert)
-                counters.bypass_loads += 1
-                counters.bytes_moved += self.spec.expert_bytes
+        for observer in self._observers:
+            observer.observe(event, self)
+        count = len(experts)
+        ev = self._ev1
+        ev[0, 0] = layer
+        ev[0, 1] = event.step
+        ev[0, 2] = event_flags(event.prefill, event.bypass, event.step)
+        self._acc_off1[1] = count
+        self._experts1[:count] = experts
+        req_off, req_key, req_out = self._no_requests
+        cursor = self._cursor
+        cursor[:] = 0
+        victim = -1
+        while True:
+            status = self._advance(ev, self._acc_off1, self._experts1, req_off, req_key, self._acc_out1, req_out,
+                                   victim, 1, self._rank, self._no_index, self._no_index, self._prefetches,
+                                   self._no_counts, 0)  # fmt: skip
+            if status == 0:
+                break
+            if status == 1:
+                victim = self._python_victim(int(cursor[4]))
             else:
-                misses += 1
-                if protected is None:
-                    protected = {layer: set(experts)}
-                self._clock = clock  # the victim's scores and the load time see this access's clock
-                slot, evicted, evicted_layer = self._make_room(layer, protected, allow_in_flight=True)
-                plan.loads.append(self._install(layer, expert, slot, evicted, evicted_layer, prefetch=False))
-                hit.append(False)
-                was_in_flight.append(False)
-            slots.append(slot)
-            last_use[expert] = clock
-            use_count[expert] += 1
-        self._clock = clock
-        if prefill:
-            counters.prefill_hits += hits
-            counters.prefill_misses += misses
-        else:
-            counters.hits += hits
-            counters.misses += misses
-            if event.step < FIRST_TOKENS:
-                counters.first_hits += hits
-                counters.first_misses += misses
-        pending.clear()  # this layer's prefetches are consumed: the driver has waited for what it used
-        if self._prefetches:
-            self._issue_prefetches(event, plan)
+                victim = -1
+                req_key = np.asarray(self._prefetch_requests(event), dtype=np.int64)
+                req_off = np.asarray([0, len(req_key)], dtype=np.int64)
+                req_out = np.zeros((len(req_key), 2), dtype=np.int64)
+        self._fold_counters()  # a caller may hold the Counters object and read it between events
+        return self._plan(event, self._acc_out1[:count].tolist(), req_key.tolist(), req_out.tolist())
+
+    def route_events(self, events: EventArrays, first: int, end: int) -> None:
+        """Route events first..end-1 of `events` (their prefetch requests included) through the kernel: the
+        replay's form of ``route``, for a plug-in without Python ``observe`` or ``prefetch`` hooks (the caller
+        checks ``python_hooks``). Belady ranks in the kernel when ``events.following`` is given (``begin_future``
+        first)."""
+        if not self.routes_in_kernel:
+            raise ValueError("route_events cannot call a plug-in's observe or prefetch: route each event instead")
+        rank, following, nxt = self._rank, self._no_index, self._no_index
+        if self.ranking == "belady" and events.following is not None:
+            from moe_env.cache_kernel import RANK_BELADY
+
+            rank, following, nxt = RANK_BELADY, events.following, self._next_access
+        counts, affinity_k = self._no_counts, 0
+        prefetcher = builtin_prefetcher(self.policy)
+        if prefetcher is not None and _kind(prefetcher) == "affinity":
+            counts, affinity_k = prefetcher.count_table, min(prefetcher.k or self.spec.top_k, self.capacity)
+        from moe_env.cache_kernel import AFFINITY_PREVIOUS
+
+        self._scalars[AFFINITY_PREVIOUS] = -1  # no decode event of this call before the first
+        cursor = self._cursor
+        cursor[:] = 0
+        cursor[0] = first
+        victim = -1
+        while self._advance(events.ev, events.acc_off, events.experts, events.req_off, events.req_key, events.acc_out,
+                            events.req_out, victim, end, rank, following, nxt, False, counts, affinity_k):  # fmt: skip
+            victim = self._python_victim(int(cursor[4]))
+        self._fold_counters()
+
+    def begin_future(self, events: EventArrays, first: int, end: int) -> None:
+        """Belady in the kernel: each key's next access is its first among events first..end-1 (the future of
+        the stream starting here; moe_env.sim calls this when the cache starts empty or a warm stream begins)."""
+        from moe_env.cache_kernel import NEVER
+
+        num_keys = self.spec.num_layers * self.spec.num_experts
+        self._next_access = np.full(num_keys, NEVER, dtype=np.int64)
+        lo, hi = int(events.acc_off[first]), int(events.acc_off[end])
+        keys = events.ev[np.repeat(np.arange(first, end), np.diff(events.acc_off[first : end + 1])), 0]
+        keys = keys * self.spec.num_experts + events.experts[lo:hi]
+        order = np.arange(lo, hi)[::-1]  # the last write of each key is its first access
+        self._next_access[keys[::-1]] = order
+
+    @property
+    def routes_in_kernel(self) -> bool:
+        """Whether ``route_events`` can route for this plug-in: no Python observe and no prefetch other than a
+        built-in prefetcher's (``builtin_prefetcher``: the caller puts its requests in the events, or, affinity,
+        the kernel keeps its table)."""
+        prefetcher = builtin_prefetcher(self.policy)
+        if self._prefetches and prefetcher is None:
+            return False
+        return all(part is prefetcher and _kind(part) == "affinity" for part in self._observers)
+
+    def _advance(self, ev, acc_off, experts, req_off, req_key, acc_out, req_out, victim, end, rank, following, nxt,
+                 python_prefetch, counts, affinity_k) -> int:  # fmt: skip
+        return self._kernel(self._ints, self._flags, self._key_in, self._pools, self._layer_pool, self._scalars,
+                            self._stamp, ev, acc_off, experts, req_off, req_key, acc_out, req_out, self._cursor,
+                            self._cand, victim, end, rank, self._decay,
+                            self._no_table if self._decay_table is None else self._decay_table, following, nxt,
+                            self.spec.num_experts, self.spec.expert_bytes, python_prefetch, counts, affinity_k,
+                            self._scratch, self._rng)  # fmt: skip
+
+    def _plan(self, event: RouteEvent, accesses: list, requests: list, placed: list) -> Plan:
+        num_experts = self.spec.num_experts
+        plan = Plan(event=event)
+        plan.slots = [out[1] for out in accesses]
+        plan.hit = [bool(out[0] & 1) for out in accesses]
+        plan.was_in_flight = [bool(out[0] & 2) for out in accesses]
+        layer = event.layer
+        for expert, (flag, slot, evicted) in zip(event.experts, accesses, strict=True):
+            if flag & 1:
+                continue
+            if event.bypass:
+                plan.bypass.append(expert)
+            else:
+                gone_layer, gone = divmod(evicted, num_experts) if evicted >= 0 else (-1, -1)
+                plan.loads.append(Load(layer, expert, slot, gone, False, gone_layer))
+        for key, (slot, evicted) in zip(requests, placed, strict=True):
+            if slot >= 0:
+                gone_layer, gone = divmod(evicted, num_experts) if evicted >= 0 else (-1, -1)
+                plan.prefetches.append(Load(*divmod(key, num_experts), slot, gone, True, gone_layer))
         return plan
 
     def _check_event(self, event: RouteEvent) -> None:
@@ -348,93 +487,43 @@ class ExpertCacheState:
         ):
             raise ValueError(f"bad expert list {experts} for {self.spec.num_experts} experts")
 
-    def _make_room(self, layer: int, protected: dict[int, set[int]], allow_in_flight: bool) -> tuple[int, int, int]:
-        """A free slot of the layer's pool, or the policy's victim's slot: (slot, evicted expert or -1, its layer);
-        (-1, -1, -1) if nothing may be evicted. A per-layer pool never leaves the layer's own experts."""
-        pool = self._pool_of[layer]
-        if pool.filled < pool.size:
-            slot = pool.filled
-            pool.filled += 1
-            return slot, -1, -1
-        if len(pool.layers) == 1:
-            victim_layer, victim = layer, self._victim_in_layer(layer, pool, protected.get(layer, ()), allow_in_flight)
-        else:
-            victim_layer, victim = self._victim_across(pool, protected, allow_in_flight)
-        if victim < 0:
-            return -1, -1, -1
-        slot = self._slot_of[victim_layer][victim]
-        self._slot_of[victim_layer][victim] = -1
-        pool.key_in[slot] = -1
-        self._loaded_at[victim_layer][victim] = -1
-        self._pending[victim_layer].discard(victim)
-        unused = self._prefetched_unused[victim_layer]
-        if victim in unused:
-            unused.discard(victim)
-            self.counters.prefetch_wasted += 1
-        self.counters.evictions += 1
-        return slot, victim, victim_layer
-
-    def _victim_in_layer(self, layer: int, pool: _Pool, protected, allow_in_flight: bool) -> int:
-        base = layer * self.spec.num_experts
-        pending = self._pending[layer]
-        if pending:
-            residents = [key - base for key in pool.key_in]
-            candidates = [e for e in residents if e not in protected and e not in pending]
-            if not candidates and allow_in_flight:
-                candidates = [e for e in residents if e not in protected]
-            candidates.sort()
-        else:  # nothing in flight (every demand-only run): one pass
-            candidates = sorted(e for e in (key - base for key in pool.key_in) if e not in protected)
-        if not candidates:
-            return -1
-        ids = np.asarray(candidates, dtype=np.int64)
-        scores = validate_scores(self.policy.eviction_scores(layer, ids, self), len(candidates), self.policy)
-        if len(candidates) == 1:  # still asked: stateful policies may track evictions; the answer cannot change
-            return candidates[0]
-        # lowest score first, then least recently used, then lowest expert id (plain Python: lexsort costs more
-        # than the whole decision for a handful of candidates)
-        return min(zip(scores.tolist(), self._last_use[layer][ids].tolist(), candidates, strict=True))[2]
-
-    def _victim_across(self, pool: _Pool, protected: dict[int, set[int]], allow_in_flight: bool) -> tuple[int, int]:
-        """The lowest-scored candidate among every layer of a shared pool (the policy ranks across layers)."""
+    def _python_victim(self, count: int) -> int:
+        """The plug-in's victim among the kernel's candidates (keys, ascending): one eviction_scores call per layer
+        of them, validated in O(candidates); ties to the least recently used, then the lowest (layer, expert)."""
         num_experts = self.spec.num_experts
-        for include_in_flight in (False, True) if allow_in_flight else (False,):
-            by_layer: dict[int, list[int]] = {}
-            for key in pool.key_in:
-                layer, expert = divmod(key, num_experts)
-                if expert in protected.get(layer, ()) or (not include_in_flight and expert in self._pending[layer]):
-                    continue
-                by_layer.setdefault(layer, []).append(expert)
-            if by_layer:
-                break
-        else:
-            return -1, -1
-        best: tuple[float, int, int, int] | None = None
-        for layer in sorted(by_layer):
-            candidates = sorted(by_layer[layer])
-            ids = np.asarray(candidates, dtype=np.int64)
+        keys = self._cand[:count]
+        layers = keys // num_experts
+        if not self._pool_shared[self._layer_pool[layers[0]]]:
+            layer = int(layers[0])
+            ids = keys - layer * num_experts
+            candidates = ids.tolist()
+            scores = validate_scores(self.policy.eviction_scores(layer, ids, self), count, self.policy)
+            if count == 1:  # still asked: stateful policies may track evictions; the answer cannot change
+                return layer * num_experts + candidates[0]
+            used = self._last_use[layer][candidates].tolist()
+            return layer * num_experts + min(zip(scores.tolist(), used, candidates, strict=True))[2]
+        best: tuple[float, int, int] | None = None
+        bounds = np.flatnonzero(np.diff(layers)) + 1
+        for group in np.split(keys, bounds):
+            layer = int(group[0]) // num_experts
+            ids = group - layer * num_experts
+            candidates = ids.tolist()
             scores = validate_scores(self.policy.eviction_scores(layer, ids, self), len(candidates), self.policy)
-            last = self._last_use[layer][ids].tolist()
-            for score, used, expert in zip(scores.tolist(), last, candidates, strict=True):
-                ranked = (score, used, layer, expert)
+            used = self._last_use[layer][candidates].tolist()
+            for score, last, expert in zip(scores.tolist(), used, candidates, strict=True):
+                ranked = (score, last, layer * num_experts + expert)
                 if best is None or ranked < best:
                     best = ranked
         assert best is not None
-        return best[2], best[3]
+        return best[2]
 
-    def _install(self, layer: int, expert: int, slot: int, evicted: int, evicted_layer: int, prefetch: bool) -> Load:
-        self._slot_of[layer][expert] = slot
-        self._pool_of[layer].key_in[slot] = layer * self.spec.num_experts + expert
-        self._loaded_at[layer][expert] = self._clock
-        self.counters.bytes_moved += self.spec.expert_bytes
-        return Load(layer, expert, slot, evicted, prefetch, evicted_layer)
-
-    def _issue_prefetches(self, event: RouteEvent, plan: Plan) -> None:
+    def _prefetch_requests(self, event: RouteEvent) -> list[int]:
+        """The plug-in's prefetch requests as keys, each checked (O(requests)); the kernel installs them."""
         requests = self.policy.prefetch(event, self)
         if not requests:
-            return
+            return []
         num_layers, num_experts = self.spec.num_layers, self.spec.num_experts
-        pairs: list[tuple[int, int]] = []
+        keys: list[int] = []
         for request in requests:
             try:
                 target_layer, expert = request
@@ -448,24 +537,34 @@ class ExpertCacheState:
                     f"policy {self.policy.name!r} asked to prefetch expert {expert} of layer {target_layer}: "
                     f"out of range ({num_layers} layers, {num_experts} experts)"
                 )
-            pairs.append((target_layer, expert))
-        # a prefetch never evicts an expert requested in the same call (it would evict what it asked for), nor
-        # (in a shared pool) one that the current layer has just acquired
-        protected: dict[int, set[int]] = {event.layer: set(event.experts)}
-        for target_layer, expert in pairs:
-            protected.setdefault(target_layer, set()).add(expert)
-        for target_layer, expert in pairs:
-            if target_layer == event.layer:
-                continue  # this layer is already served; nothing to gain
-            if self._slot_of[target_layer][expert] >= 0:
-                continue
-            slot, evicted, evicted_layer = self._make_room(target_layer, protected, allow_in_flight=False)
-            if slot < 0:
-                continue  # every slot of that pool holds an in-flight prefetch
-            plan.prefetches.append(self._install(target_layer, expert, slot, evicted, evicted_layer, prefetch=True))
-            self._pending[target_layer].add(expert)
-            self._prefetched_unused[target_layer].add(expert)
-            self.counters.prefetch_issued += 1
+            keys.append(target_layer * num_experts + expert)
+        return keys
+
+
+def event_flags(prefill: bool, bypass: bool, step: int) -> int:
+    """An event's flags in the kernel's encoding (moe_env.cache_kernel: PREFILL 1, BYPASS 2, FIRST 4)."""
+    return (1 if prefill else 0) | (2 if bypass else 0) | (4 if not prefill and step < FIRST_TOKENS else 0)
+
+
+def builtin_prefetcher(policy: Policy) -> Policy | None:
+    """The part of `policy` whose prefetch a kernel replay does itself (its class's own ``replay_prefetch``:
+    lookahead and oracle, requests built by moe_env.sim_kernels; affinity, run in the kernel), else None."""
+    part = policy
+    if isinstance(policy, CombinedPolicy) and type(policy).prefetch is CombinedPolicy.prefetch:
+        if _overrides(policy.evict, "prefetch"):
+            return None
+        part = policy.prefetcher
+    return part if _kind(part) in BUILTIN_PREFETCHERS else None
+
+
+def _kind(policy: Policy) -> str | None:
+    return type(policy).__dict__.get("replay_prefetch")
+
+
+def builtin_ranking(policy: Policy) -> str | None:
+    """The ranking the kernel applies for `policy` (its class's own ``replay_kernel``, never inherited), else None."""
+    kernel = type(policy).__dict__.get("replay_kernel")
+    return kernel if kernel in BUILTIN_RANKINGS else None
 
 
 def _overrides(policy: Policy, hook: str) -> bool:

@@ -26,7 +26,7 @@ import numpy as np
 
 from moe_env import sim_kernels
 from moe_env.allocation import Allocation
-from moe_env.cache import FIRST_TOKENS, Counters, ExpertCacheState, Plan
+from moe_env.cache import Counters, EventArrays, ExpertCacheState, Plan, builtin_prefetcher
 from moe_env.costmodel import (
     AS_RECORDED,
     DEFAULT_PROFILE,
@@ -36,7 +36,7 @@ from moe_env.costmodel import (
     resolve_profile,
 )
 from moe_env.errors import UsageError
-from moe_env.policy import ModelSpec, Policy, build_policy
+from moe_env.policy import CombinedPolicy, ModelSpec, Policy, build_policy
 from moe_env.routing import LayerRouting, PrefillLayout, route_events
 from moe_env.trace import SequenceTrace, Trace, TraceMeta
 
@@ -395,6 +395,12 @@ class Replayer:
             plans=plans,
         )
 
+    def record_sequence(self, stall_s: float, prefill_stall_s: float, decode_time_s: float, steps: int) -> None:
+        """The times of a sequence replayed outside ``process`` (moe_env.sim's kernel replay), since begin_sequence."""
+        self._replaying = True
+        self._stall_s, self._prefill_stall_s, self._decode_time_s = stall_s, prefill_stall_s, decode_time_s
+        self._decode_tokens += steps
+
     def tally(self) -> SimTally:
         """Close the accounting (unused prefetches become wasted) and return the additive metrics so far."""
         self._close_sequence()
@@ -470,8 +476,8 @@ def simulate(
     """Replay `trace` through `policy` (+ `prefetch`) with `capacity` slots per layer (or an Allocation); cold:
     every sequence starts empty; warm: the sequences are one request stream through one cache.
 
-    Demand-only, chunked-prefill runs of the built-in lru/lfu/fifo/belady take moe_env.sim_kernels' exact fast
-    path unless ``fast=False``; everything else goes through Replayer (ExpertCacheState.route).
+    ``fast``: replay in the cache kernel where the plug-in allows it (see ``replay``); False: one
+    ExpertCacheState.route call per event.
     """
     cost = cost_model_for(trace.meta, profile)
     built = build_policy(policy, prefetch)
@@ -496,12 +502,16 @@ def replay(
     warm: bool = False,
 ) -> SimTally:
     """The additive tally of replaying `sequences` (indices into trace.sequences; all by default) through a built
-    policy: ``simulate`` is one call over everything; moe_env.sweep merges cold shards of it."""
+    policy: ``simulate`` is one call over everything; moe_env.sweep merges cold shards of it.
+
+    A plug-in without Python observe or prefetch hooks (built-in prefetchers aside) is replayed a sequence at a
+    time through the cache kernel (``ExpertCacheState.route_events``), and the time model as an array pass;
+    otherwise, or with ``fast=False``, one ``route`` call per event (Replayer.process). Same decisions either way.
+    """
     chosen = trace.sequences if sequences is None else [trace.sequences[i] for i in sequences]
-    kernel = type(policy).__dict__.get("replay_kernel")  # declared by the class itself, never inherited
-    if fast and kernel in sim_kernels.KINDS and prefill == "chunked":
-        return _fast_replay(trace.meta, chosen, policy, kernel, capacity, cost, warm)
     replayer = Replayer(trace.meta, policy, capacity, cost, prefill=prefill, warm=warm)
+    if fast and replayer.cache.routes_in_kernel:
+        return kernel_replay(replayer, chosen)[0]
     if warm:
         replayer.begin_stream(chosen)
     for sequence in chosen:
@@ -511,47 +521,33 @@ def replay(
     return replayer.tally()
 
 
-def _fast_replay(
-    meta: TraceMeta,
-    sequences: Sequence[SequenceTrace],
-    policy: Policy,
-    kernel_name: str,
-    capacity: int | Allocation,
-    cost: CostModel,
-    warm: bool,
-) -> SimTally:
-    check_capacity(meta, capacity)
-    allocation = as_allocation(meta, capacity)
-    if allocation.shared and not policy.ranks_across_layers:
-        raise UsageError(
-            f"policy {policy.name!r} does not rank victims across layers: use allocation uniform or profile"
-        )
-    # independent caches: one per layer (per-layer pools) or one for all layers (shared); cold: per sequence too
-    build = sim_kernels.stream_events if allocation.shared else sim_kernels.pool_events
-    events = build(sequences, allocation, FIRST_TOKENS, warm)
-    hits, evictions = sim_kernels.replay_hits(kernel_name, events)
-    event_hits, stall, duration = sim_kernels.event_times(events, hits, cost.copy_s, cost.expert_compute_s)
-    sizes = np.diff(events.offsets)
-    decode, prefill = ~events.prefill, events.prefill
-    result = SimTally()
-    c = result.counters
-    c.hits = int(event_hits[decode].sum())
-    c.misses = int(sizes[decode].sum()) - c.hits
-    c.prefill_hits = int(event_hits[prefill].sum())
-    c.prefill_misses = int(sizes[prefill].sum()) - c.prefill_hits
-    first = events.first
-    c.first_hits = int(event_hits[first].sum())
-    c.first_misses = int(sizes[first].sum()) - c.first_hits
-    c.evictions = evictions
-    c.bytes_moved = (c.misses + c.prefill_misses) * cost.expert_bytes
-    for seq in sequences:
-        result.decode_tokens += int((seq.experts[:, :, 0] >= 0).any(axis=1).sum())
-    # per sequence (warm: one stream): sums over its events in segment order, so shards merge bit for bit
-    groups = 1 if warm else len(sequences)
-    owner = np.zeros(len(sizes), dtype=np.int64) if warm else events.sequence
-    decode_stall = np.bincount(owner[decode], weights=stall[decode], minlength=groups)
-    prefill_stall = np.bincount(owner[prefill], weights=stall[prefill], minlength=groups)
-    decode_time = np.bincount(owner[decode], weights=duration[decode] + cost.layer_compute_s, minlength=groups)
-    for group in range(groups):
-        result.add_sequence(float(decode_stall[group]), float(prefill_stall[group]), float(decode_time[group]))
-    return result
+def kernel_replay(replayer: Replayer, sequences: Sequence[SequenceTrace]) -> tuple[SimTally, EventArrays]:
+    """Replay `sequences` through the cache kernel (the replayer's cache must route in it: routes_in_kernel):
+    the tally and the events with the kernel's per-access and per-request outcomes (acc_out, req_out)."""
+    from moe_env.cache_kernel import timeline
+
+    cache, meta, cost = replayer.cache, replayer.meta, replayer.cost
+    evict = replayer.policy.evict if isinstance(replayer.policy, CombinedPolicy) else replayer.policy
+    belady = cache.ranking == "belady"
+    # the kernel knows the future of its built-in parts (belady's next accesses, the oracle's requests)
+    replayer.with_oracle = evict.needs_future and not belady
+    if replayer.with_oracle and replayer.warm:
+        replayer.begin_stream(sequences)
+    groups = None if not belady else "stream" if replayer.warm else "sequence"
+    events, starts = sim_kernels.sequence_events(sequences, cache, builtin_prefetcher(replayer.policy), groups)
+    ready = np.zeros((meta.num_layers, meta.num_experts))
+    times = np.zeros(3)
+    for index, sequence in enumerate(sequences):
+        first, end = int(starts[index]), int(starts[index + 1])
+        replayer.begin_sequence(sequence)
+        if belady and (index == 0 or not replayer.warm):
+            cache.begin_future(events, first, int(starts[-1]) if replayer.warm else end)
+        cache.route_events(events, first, end)
+        ready[:] = 0.0
+        times[:] = 0.0
+        timeline(events.ev, events.acc_off, events.experts, events.req_off, events.req_key, events.acc_out,
+                 events.req_out, first, end, meta.num_experts, cost.copy_s, cost.expert_compute_s,
+                 cost.layer_compute_s, ready, times)  # fmt: skip
+        steps = int((sequence.experts[:, :, 0] >= 0).any(axis=1).sum())
+        replayer.record_sequence(float(times[0]), float(times[1]), float(times[2]), steps)
+    return replayer.tally(), events

@@ -1,189 +1,155 @@
-"""Fast replay of demand-only runs for the built-in scorers (lru, lfu, fifo, belady): same decisions, compiled.
+"""A replay's events as the cache kernel's arrays (moe_env.cache.EventArrays), built with numpy per sequence.
 
-Without prefetch, each pool's cache evolves independently of the others (no request crosses pools) and the
-copy link is idle whenever a layer starts (a layer waits for all its demand loads), so a replay decomposes into
-one tight loop per independent cache (a *segment*: one (sequence, layer) of a per-layer pool, one sequence of a
-shared pool; warm: the whole stream instead of one sequence) plus a timing that depends only on each event's hit
-pattern. The events are int arrays in CSR form (``offsets`` into ``keys``), built here with numpy; the loops are
-numba functions in moe_env.replay_jit (compiled on first use, the machine code cached in __pycache__).
-
-Each kernel reproduces ExpertCacheState's choice exactly: candidates are the residents not needed by the current
-event; the victim has the lowest rank. Within a segment the cache's global clock orders accesses as the
-segment's own access index does, and every resident has a distinct last use, so ranks are (primary, last use)
-pairs: lru = last use; fifo = load time; lfu = uses since the segment began (evicted or not), then last use;
-belady = minus the index of the next access (never again: the lowest), then last use. tests/test_sim.py and
-tests/test_allocation.py check every kernel against the general path on real and random routing.
+The events are exactly those ``route_events`` yields for ``SequenceTrace.routings()`` through the cache (prefill:
+per layer the prompt's expert union, grouped as the cache's ``prefill_groups`` says; decode: one event per
+present cell, step-major), with the flags the kernel counts by. A built-in prefetcher's requests are the same
+function of the trace as its ``prefetch`` (declared by ``replay_prefetch``): lookahead, the top-k of the next
+layer's lookahead logits (argsort of minus the float64 logits, stable); oracle, the experts of the next cell.
+tests/test_sim_kernels.py checks every built-in policy x prefetcher against routing event by event.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 
 from moe_env.allocation import Allocation
-from moe_env.cache import chunk_experts
+from moe_env.cache import FIRST_TOKENS, EventArrays, ExpertCacheState, chunk_experts
+from moe_env.policy import ModelSpec, Policy
 from moe_env.trace import SequenceTrace
 
-KINDS = {"lru": 0, "fifo": 1, "lfu": 2, "belady": 3}  # the scorers with a kernel (Policy.replay_kernel)
-
-
-@dataclass
-class Events:
-    """A replay's events as CSR int arrays, grouped into segments (independent caches), route order within each.
-
-    keys[offsets[i]:offsets[i + 1]] are event i's keys (expert ids of a per-layer pool, layer * E + expert in a
-    shared one); segment j is events seg_start[j]..seg_start[j + 1] - 1 with seg_capacity[j] slots. Per event:
-    the sequence it belongs to (index into the replayed list), whether it is prefill, and whether it is a decode
-    event of the first steps (counted apart: cache.FIRST_TOKENS)."""
-
-    keys: np.ndarray  # int64 [accesses]
-    offsets: np.ndarray  # int64 [events + 1]
-    seg_start: np.ndarray  # int64 [segments + 1]
-    seg_capacity: np.ndarray  # int64 [segments]
-    num_keys: int
-    sequence: np.ndarray  # int64 [events]
-    prefill: np.ndarray  # bool [events]
-    first: np.ndarray  # bool [events]
+PREFILL, BYPASS, FIRST, NEW_ROUTING = 1, 2, 4, 8  # moe_env.cache_kernel's event flags
+NEVER = 2**62  # moe_env.cache_kernel.NEVER: no next access
 
 
 def _has_prefill(seq: SequenceTrace) -> bool:
     return seq.prefill_experts is not None and len(seq.prefill_experts) > 0
 
 
-def _prefill_groups(seq: SequenceTrace, layer: int, slots: int) -> list[tuple[int, ...]]:
-    if not _has_prefill(seq):
-        return []
-    return chunk_experts(np.unique(np.asarray(seq.prefill_experts[:, layer])).tolist(), slots)
+def _prefetch_keys(seq: SequenceTrace, steps, layers, prefetcher: Policy | None, spec: ModelSpec, capacity: int):
+    """[n, k] request keys per decode event and [n] whether the event requests them (built-in prefetchers)."""
+    num_layers, num_experts = spec.num_layers, spec.num_experts
+    kind = None if prefetcher is None else type(prefetcher).__dict__.get("replay_prefetch")
+    if kind == "lookahead":
+        k = min(getattr(prefetcher, "k", None) or spec.top_k, capacity)
+        valid = layers + 1 < num_layers
+        if seq.lookahead_logits is None or not valid.any():
+            return np.zeros((len(steps), 0), dtype=np.int64), np.zeros(len(steps), dtype=bool)
+        logits = np.asarray(seq.lookahead_logits[steps[valid], layers[valid]], dtype=np.float64)
+        keys = np.zeros((len(steps), k), dtype=np.int64)
+        keys[valid] = np.argsort(-logits, axis=1, kind="stable")[:, :k] + ((layers[valid] + 1) * num_experts)[:, None]
+        return keys, valid
+    if kind == "affinity":  # slots only: the kernel writes the requests from the prefetcher's table
+        k = min(getattr(prefetcher, "k", None) or spec.top_k, capacity)
+        return np.zeros((len(steps), k), dtype=np.int64), layers + 1 < num_layers
+    if kind == "oracle":
+        target_step = np.where(layers + 1 < num_layers, steps, steps + 1)
+        target_layer = np.where(layers + 1 < num_layers, layers + 1, 0)
+        valid = target_step < seq.num_steps
+        cells = np.full((len(steps), seq.experts.shape[2]), -1, dtype=np.int64)
+        cells[valid] = seq.experts[target_step[valid], target_layer[valid]]
+        valid &= cells[:, 0] >= 0
+        return cells + (target_layer * num_experts)[:, None], valid
+    return np.zeros((len(steps), 0), dtype=np.int64), np.zeros(len(steps), dtype=bool)
 
 
-class _Builder:
-    """Events appended as chunks of equal-length events (one numpy array [n, width] each), then ordered."""
-
-    def __init__(self) -> None:
-        self.keys: list[np.ndarray] = []
-        self.order: list[np.ndarray] = []  # the segment each event belongs to (sorted on, stably)
-        self.sequence: list[np.ndarray] = []
-        self.prefill: list[np.ndarray] = []
-        self.first: list[np.ndarray] = []
-        self.lengths: list[np.ndarray] = []
-
-    def add(self, keys: np.ndarray, segment: np.ndarray | int, sequence: int, prefill: bool, first) -> None:
-        """`keys` [n, width]: n events of `width` keys; `segment` one per event (or one for all)."""
-        n = len(keys)
-        if n == 0:
-            return
-        self.keys.append(keys.reshape(n, -1).astype(np.int64))
-        self.order.append(np.full(n, segment, dtype=np.int64) if np.isscalar(segment) else segment)
-        self.sequence.append(np.full(n, sequence, dtype=np.int64))
-        self.prefill.append(np.full(n, prefill))
-        self.first.append(np.full(n, first) if np.isscalar(first) else first)
-        self.lengths.append(np.full(n, keys.shape[1] if keys.ndim > 1 else 1, dtype=np.int64))
-
-    def build(self, capacities: np.ndarray, num_keys: int) -> Events:
-        if not self.keys:
-            empty = np.zeros(0, dtype=np.int64)
-            return Events(empty, np.zeros(1, np.int64), np.zeros(1, np.int64), empty, num_keys, empty,
-                          np.zeros(0, bool), np.zeros(0, bool))  # fmt: skip
-        segment = np.concatenate(self.order)
-        lengths = np.concatenate(self.lengths)
-        events = np.argsort(segment, kind="stable")  # segments in order, route order kept within each
-        flat = np.concatenate([k.reshape(-1) for k in self.keys])
-        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-        offsets = np.zeros(len(events) + 1, dtype=np.int64)
-        np.cumsum(lengths[events], out=offsets[1:])
-        # the keys of the reordered events: each event's own run of keys, gathered in the new order
-        take = np.repeat(starts[events] - offsets[:-1], lengths[events]) + np.arange(offsets[-1])
-        seg_start = np.searchsorted(segment[events], np.arange(len(capacities) + 1))
-        return Events(
-            keys=flat[take],
-            offsets=offsets,
-            seg_start=seg_start.astype(np.int64),
-            seg_capacity=np.asarray(capacities, dtype=np.int64),
-            num_keys=num_keys,
-            sequence=np.concatenate(self.sequence)[events],
-            prefill=np.concatenate(self.prefill)[events],
-            first=np.concatenate(self.first)[events],
-        )
-
-
-def pool_events(sequences: Sequence[SequenceTrace], allocation: Allocation, first_steps: int, warm: bool) -> Events:
-    """Per-layer pools: one segment per (sequence, layer) (warm: per layer, the whole stream), keys = expert ids;
-    in a segment the sequence's prefill groups of that layer (chunked to its slots), then its decode events."""
-    num_layers = allocation.num_layers
-    slots = [allocation.layer_slots(layer) for layer in range(num_layers)]
-    builder = _Builder()
-    for index, seq in enumerate(sequences):
-        base = 0 if warm else index * num_layers
-        for layer in range(num_layers) if _has_prefill(seq) else ():
-            for group in _prefill_groups(seq, layer, slots[layer]):  # one at a time: the last may be shorter
-                builder.add(np.asarray([group]), base + layer, index, True, False)
-        cells = np.swapaxes(seq.experts, 0, 1)  # [L, T, k]: layer-major, steps in order
-        present = cells[:, :, 0] >= 0
-        layer_of, step_of = np.nonzero(present)
-        builder.add(cells[present], base + layer_of, index, False, step_of < first_steps)
-    segments = num_layers if warm else num_layers * len(sequences)
-    return builder.build(np.tile(slots, segments // num_layers), allocation.num_experts)
-
-
-def stream_events(sequences: Sequence[SequenceTrace], allocation: Allocation, first_steps: int, warm: bool) -> Events:
-    """A shared pool: every layer's events as one stream of keys layer * E + expert in route order, one segment
-    per sequence (warm: one for the stream); per sequence, prefill layer by layer (chunked to the layer's
-    slots), then decode step by step (SequenceTrace.routings order)."""
-    num_layers, num_experts = allocation.num_layers, allocation.num_experts
-    builder = _Builder()
-    for index, seq in enumerate(sequences):
-        segment = 0 if warm else index
-        for layer in range(num_layers) if _has_prefill(seq) else ():
-            for group in _prefill_groups(seq, layer, allocation.layer_slots(layer)):
-                builder.add(np.asarray([group]) + layer * num_experts, segment, index, True, False)
+def sequence_events(
+    sequences: Sequence[SequenceTrace], cache: ExpertCacheState, prefetcher: Policy | None, groups: str | None
+) -> tuple[EventArrays, np.ndarray]:
+    """(events of every sequence in route order, sequence start indices [n + 1]). ``groups``: "sequence" or
+    "stream": the span within which belady's next access is looked up (cold: a sequence; warm: the stream);
+    None: no next accesses (``following``)."""
+    spec = cache.spec
+    num_experts = spec.num_experts
+    ev, experts, lengths, req_keys, req_counts, starts = [], [], [], [], [], [0]
+    for seq in sequences:
+        prefill_events = 0
+        if _has_prefill(seq):
+            for layer in range(spec.num_layers):
+                union = np.unique(np.asarray(seq.prefill_experts[:, layer])).tolist()
+                chunks, bypass = cache.prefill_groups(layer, union)
+                for index, group in enumerate(chunks):
+                    flag = PREFILL | (BYPASS if bypass else 0) | (NEW_ROUTING if index == 0 else 0)
+                    ev.append(np.asarray([[layer, -1, flag]], dtype=np.int64))
+                    experts.append(np.asarray(group, dtype=np.int64))
+                    lengths.append(np.asarray([len(group)], dtype=np.int64))
+                    req_counts.append(np.zeros(1, dtype=np.int64))
+                    prefill_events += 1
         present = seq.experts[:, :, 0] >= 0
-        keys = seq.experts.astype(np.int64) + (np.arange(num_layers) * num_experts)[None, :, None]
-        step_of = np.nonzero(present)[0]
-        builder.add(keys[present], segment, index, False, step_of < first_steps)
-    capacities = np.full(1 if warm else len(sequences), allocation.total_slots)
-    return builder.build(capacities, num_layers * num_experts)
+        steps, layers = np.nonzero(present)
+        cells = seq.experts[present].astype(np.int64)
+        rows = np.empty((len(steps), 3), dtype=np.int64)
+        rows[:, 0], rows[:, 1] = layers, steps
+        rows[:, 2] = NEW_ROUTING | np.where(steps < FIRST_TOKENS, FIRST, 0)
+        ev.append(rows)
+        experts.append(cells.reshape(-1))
+        lengths.append(np.full(len(steps), cells.shape[1], dtype=np.int64))
+        keys, valid = _prefetch_keys(seq, steps, layers, prefetcher, spec, cache.capacity)
+        req_keys.append(keys[valid].reshape(-1))
+        req_counts.append(np.where(valid, keys.shape[1], 0))
+        starts.append(starts[-1] + prefill_events + len(steps))
+    ev_all = np.concatenate(ev) if ev else np.zeros((0, 3), dtype=np.int64)
+    acc_off = np.concatenate([[0], np.cumsum(np.concatenate(lengths) if lengths else [])]).astype(np.int64)
+    req_off = np.concatenate([[0], np.cumsum(np.concatenate(req_counts) if req_counts else [])]).astype(np.int64)
+    flat = np.concatenate(experts) if experts else np.zeros(0, dtype=np.int64)
+    req_key = np.concatenate(req_keys) if req_keys else np.zeros(0, dtype=np.int64)
+    events = EventArrays(
+        ev=ev_all,
+        acc_off=acc_off,
+        experts=flat,
+        req_off=req_off,
+        req_key=req_key.astype(np.int64),
+        acc_out=np.zeros((len(flat), 3), dtype=np.int64),
+        req_out=np.zeros((len(req_key), 2), dtype=np.int64),
+    )
+    seq_start = np.asarray(starts, dtype=np.int64)
+    if groups is not None:
+        events.following = following(events, seq_start if groups == "sequence" else seq_start[[0, -1]], num_experts)
+    return events, seq_start
 
 
-def replay_hits(kind: str, events: Events) -> tuple[np.ndarray, int]:
-    """(hit flags uint8 [accesses], evictions) of `events` under the scorer `kind` (a key of KINDS)."""
-    from moe_env.replay_jit import replay  # numba is imported on the first fast replay only (~1 s)
-
-    hits = np.zeros(len(events.keys), dtype=np.uint8)
-    evictions = replay(KINDS[kind], events.keys, events.offsets, events.seg_start, events.seg_capacity,
-                       events.num_keys, hits)  # fmt: skip
-    return hits, int(evictions)
-
-
-def event_times(
-    events: Events, hits: np.ndarray, copy_s: float, expert_s: float
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(hits int64, stall float64, duration float64) per event of `events`, given their accesses' hit flags."""
-    from moe_env.replay_jit import event_times as times
-
-    count = len(events.offsets) - 1
-    event_hits, stall, duration = np.zeros(count, dtype=np.int64), np.zeros(count), np.zeros(count)
-    times(events.offsets, hits, float(copy_s), float(expert_s), event_hits, stall, duration)
-    return event_hits, stall, duration
+def following(events: EventArrays, group_start: np.ndarray, num_experts: int) -> np.ndarray:
+    """Per access the index of the next access of the same key within its group of events (NEVER if none)."""
+    layer_of = np.repeat(events.ev[:, 0], np.diff(events.acc_off))
+    keys = layer_of * num_experts + events.experts
+    group = np.repeat(np.arange(len(group_start) - 1), np.diff(events.acc_off[group_start]))
+    combined = group * (int(keys.max()) + 1 if len(keys) else 1) + keys
+    order = np.argsort(combined, kind="stable")
+    result = np.full(len(keys), NEVER, dtype=np.int64)
+    same = combined[order[:-1]] == combined[order[1:]]
+    result[order[:-1][same]] = order[1:][same]
+    return result
 
 
 def layer_events(sequence: SequenceTrace, layer: int, capacity: int) -> tuple[list[list[int]], list[list[int]]]:
     """(prefill events, decode events) of one layer as lists, in route order (moe_env.analysis reads them)."""
-    prefill = [list(group) for group in _prefill_groups(sequence, layer, capacity)]
+    prefill = []
+    if _has_prefill(sequence):
+        prefill = [list(g) for g in chunk_experts(np.unique(sequence.prefill_experts[:, layer]).tolist(), capacity)]
     rows = sequence.experts[:, layer]
     return prefill, rows[rows[:, 0] >= 0].tolist()
 
 
 def lru_kernel(events: list[list[int]], capacity: int, num_experts: int, hits: bytearray) -> int:
-    """One cache of `capacity` slots under LRU over a list of events: hit flags appended to `hits`; evictions."""
+    """One cache of `capacity` slots under LRU over a list of events (through the cache kernel): hit flags
+    appended to `hits`; returns the evictions."""
+    from moe_env.policies.lru import LRUPolicy
+
+    width = max((len(e) for e in events), default=1)
+    spec = ModelSpec(num_layers=1, num_experts=num_experts, top_k=max(1, min(width, capacity)))
+    cache = ExpertCacheState(spec, Allocation.uniform(1, num_experts, capacity), LRUPolicy())
     lengths = np.asarray([len(e) for e in events], dtype=np.int64)
-    offsets = np.zeros(len(events) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    keys = np.asarray([k for e in events for k in e], dtype=np.int64)
-    none = np.zeros(len(events), dtype=np.int64)
-    one = Events(keys, offsets, np.asarray([0, len(events)]), np.asarray([capacity]), num_experts, none,
-                 none.astype(bool), none.astype(bool))  # fmt: skip
-    flags, evictions = replay_hits("lru", one)
-    hits += flags.tobytes()
-    return evictions
+    flat = np.asarray([k for e in events for k in e], dtype=np.int64)
+    arrays = EventArrays(
+        ev=np.zeros((len(events), 3), dtype=np.int64),
+        acc_off=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+        experts=flat,
+        req_off=np.zeros(len(events) + 1, dtype=np.int64),
+        req_key=np.zeros(0, dtype=np.int64),
+        acc_out=np.zeros((len(flat), 3), dtype=np.int64),
+        req_out=np.zeros((0, 2), dtype=np.int64),
+    )
+    cache.route_events(arrays, 0, len(events))
+    hits += (arrays.acc_out[:, 0] & 1).astype(np.uint8).tobytes()
+    return cache.counters.evictions

@@ -18,6 +18,7 @@ from moe_env.policy import CacheView, ModelSpec, Policy, RouteEvent
 
 class AffinityPrefetch(Policy):
     prefetch_only = True
+    replay_prefetch = "affinity"  # a replay runs observe and prefetch in moe_env.cache_kernel on count_table, exactly
     name = "affinity"
 
     def __init__(self, k: int | None = None, prior: float = 0.1):
@@ -31,6 +32,11 @@ class AffinityPrefetch(Policy):
         if self._counts is None or self._counts.shape != shape:
             self._counts = np.full(shape, self.prior, dtype=np.float64)
         self._previous: tuple[int, int, tuple[int, ...]] | None = None  # (step, layer, experts)
+
+    @property
+    def count_table(self) -> np.ndarray:
+        """[L, E, E] the co-activation counts (a kernel replay updates them in place of observe)."""
+        return self._counts
 
     def observe(self, event: RouteEvent, cache: CacheView) -> None:
         if event.prefill:

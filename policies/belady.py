@@ -15,7 +15,7 @@ class BeladyPolicy(Policy):
     independent_sequences = True  # nothing it decides by survives reset()
     name = "belady"
     ranks_across_layers = True  # accesses until the next use, on the one cache clock
-    replay_kernel = "belady"  # moe_env.sim_kernels reproduces this scorer exactly (demand-only runs)
+    replay_kernel = "belady"  # ranked inside moe_env.cache_kernel (no Python call per eviction)
     needs_future = True
 
     def eviction_scores(self, layer: int, candidates: np.ndarray, cache: CacheView) -> np.ndarray:

@@ -15,7 +15,7 @@ class LFUPolicy(Policy):
     independent_sequences = True  # nothing it decides by survives reset()
     name = "lfu"
     ranks_across_layers = True  # use counts: every layer is accessed top-k times per token
-    replay_kernel = "lfu"  # moe_env.sim_kernels reproduces this scorer exactly (demand-only runs)
+    replay_kernel = "lfu"  # ranked inside moe_env.cache_kernel (no Python call per eviction)
 
     def eviction_scores(self, layer: int, candidates: np.ndarray, cache: CacheView) -> np.ndarray:
         return cache.use_count(layer)[candidates].astype(np.float64)

@@ -21,6 +21,7 @@ class LFUDecayPolicy(Policy):
     independent_sequences = True  # nothing it decides by survives reset()
     name = "lfu-decay"
     ranks_across_layers = True  # per-layer decay, but every layer is accessed top-k times per token
+    replay_kernel = "lfu-decay"  # moe_env.cache_kernel applies observe to score_table and ranks by it, exactly
 
     def __init__(self, decay: float = 0.9):
         decay = float(decay)
@@ -31,6 +32,11 @@ class LFUDecayPolicy(Policy):
     def reset(self, spec: ModelSpec, capacity: int) -> None:
         super().reset(spec, capacity)
         self._score = np.zeros((spec.num_layers, spec.num_experts), dtype=np.float64)
+
+    @property
+    def score_table(self) -> np.ndarray:
+        """[L, E] the scores eviction_scores reads (the cache's kernel updates it in place of observe)."""
+        return self._score
 
     def observe(self, event: RouteEvent, cache: CacheView) -> None:
         row = self._score[event.layer]
@@ -44,6 +50,7 @@ class LFUDecayPolicy(Policy):
 
 class LRFUPolicy(LFUDecayPolicy):
     name = "lrfu"
+    replay_kernel = "lfu-decay"  # declared per class (never inherited): the same scores with decay = 2**-lam
 
     def __init__(self, lam: float = 0.1):
         lam = float(lam)

@@ -16,6 +16,7 @@ from moe_env.policy import CacheView, Policy, RouteEvent
 class LookaheadPrefetch(Policy):
     independent_sequences = True  # nothing it decides by survives reset()
     prefetch_only = True
+    replay_prefetch = "lookahead"  # a replay reads these requests off the trace (moe_env.sim_kernels), exactly
     name = "lookahead"
 
     def __init__(self, k: int | None = None):

@@ -14,6 +14,7 @@ from moe_env.policy import CacheView, Policy, RouteEvent
 class OraclePrefetch(Policy):
     independent_sequences = True  # nothing it decides by survives reset()
     prefetch_only = True
+    replay_prefetch = "oracle"  # a replay reads these requests off the trace (moe_env.sim_kernels), exactly
     needs_future = True
     name = "oracle"
 

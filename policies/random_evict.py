@@ -10,6 +10,12 @@ from moe_env.policy import CacheView, Policy
 class RandomPolicy(Policy):
     name = "random"
     ranks_across_layers = True  # random draws
+    replay_kernel = "random"  # moe_env.cache_kernel draws from `generator` exactly as eviction_scores does
+
+    @property
+    def generator(self) -> np.random.Generator:
+        """The policy's one stream (the cache kernel draws the candidates' scores from it)."""
+        return self._rng
 
     def __init__(self, seed: int = 0):
         self.seed = int(seed)

@@ -210,3 +210,20 @@ def test_train_script_trains_on_shared_decisions(trace, tmp_path):
     assert make_policy(f"imitation:{run / 'best.pt'}").ranks_across_layers
     with pytest.raises(UsageError, match="allocation"):
         ImitationConfig.from_dict({"allocation": "pooled"})
+
+
+def test_the_shipped_shared_checkpoint_runs_under_every_allocation():
+    """`imitation-shared` (the shipped checkpoint) ranks across layers, needs no signal (trained with signal
+    dropout), and runs in a shared pool and per layer on shapes it was not trained on."""
+    policy = make_policy("imitation-shared")
+    assert policy.ranks_across_layers and policy.needs == []
+    assert load_checkpoint(policy.path, "imitation").config["decisions"] == ["shared"]
+    for spec in ("builtin:tiny-mixtral/eval#0", "builtin:tiny-olmoe/eval#0"):
+        from moe_env.trace import load_trace
+
+        target = load_trace(spec)
+        meta = target.meta
+        for layout in (pool(target, meta.num_layers * (meta.top_k + 2)), meta.top_k + 2):
+            result = simulate(target, "imitation-shared", layout)
+            lru = simulate(target, "lru", layout)
+            assert result.hits + result.misses == lru.hits + lru.misses and 0 < result.hit_rate < 1

@@ -332,7 +332,7 @@ def belady_labels(next_use: np.ndarray) -> np.ndarray:
     return next_use == next_use.max()
 
 
-def replay(trace: Trace, policy: Policy, capacity: int, profile: str | None = None):
+def replay(trace: Trace, policy: Policy, capacity: int | Allocation, profile: str | None = None):
     """Demand-only replay of every sequence through `policy` (the cache's one decision point); the SimResult."""
     replayer = Replayer(trace.meta, policy, capacity, cost_model_for(trace.meta, profile))
     for sequence in trace.sequences:

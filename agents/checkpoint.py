@@ -3,12 +3,14 @@
 Layout (``torch.save`` of a plain dict, read back with ``weights_only=True`` so a file cannot run code):
 ``format`` ("moe-env-policy"), ``version``, ``kind`` ("ppo" / "predictor"), ``model`` (name, num_layers,
 num_experts, top_k), ``capacity``, ``obs_size``, ``config`` (the network's hyper-parameters, JSON-able) and
-``state_dict``. A shipped default sits next to a ``<name>.json`` with its training config and results.
+``state_dict``. An eviction scorer's config lists the ``decisions`` it was trained on (``trained_decisions``).
+A shipped default sits next to a ``<name>.json`` with its training config and results.
 """
 
 from __future__ import annotations
 
 import os
+import reprlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -112,6 +114,25 @@ def load_checkpoint(path: str | os.PathLike, kind: str) -> PolicyCheckpoint:
     if not all(bool(torch.isfinite(v).all()) for v in ckpt.state_dict.values() if v.is_floating_point()):
         raise CheckpointError(f"{path}: the weights hold NaN or inf")
     return ckpt
+
+
+# the decisions an eviction scorer was trained on (config "decisions"): per-layer evictions (one layer's
+# candidates) or a shared pool's (every layer's candidates at once, so its scores compare across layers); a
+# checkpoint without the field predates shared pools: per-layer
+PER_LAYER, SHARED = "per-layer", "shared"
+DECISION_KINDS = (PER_LAYER, SHARED)
+
+
+def trained_decisions(ckpt: PolicyCheckpoint, where: str) -> tuple[str, ...]:
+    """The checkpoint's decision kinds; a corrupt field is refused (it decides whether a shared pool may run it)."""
+    value = ckpt.config.get("decisions", [PER_LAYER])
+    if (not isinstance(value, list) or not value or len(set(map(str, value))) != len(value)
+            or not all(isinstance(v, str) and v in DECISION_KINDS for v in value)):  # fmt: skip
+        raise CheckpointError(
+            f"{where}: field 'decisions' is {reprlib.repr(value)}, expected a non-empty list of "
+            f"{', '.join(DECISION_KINDS)} (a damaged checkpoint: retrain it or use another)"
+        )
+    return tuple(value)
 
 
 def load_weights(module: torch.nn.Module, ckpt: PolicyCheckpoint, path: str | os.PathLike) -> None:

@@ -32,11 +32,21 @@ from moe_env.agents.candidate_features import (
     ModelTables,
     event_token,
 )
-from moe_env.agents.checkpoint import PolicyCheckpoint, load_checkpoint, load_weights, save_checkpoint
+from moe_env.agents.checkpoint import (
+    PER_LAYER,
+    SHARED,
+    PolicyCheckpoint,
+    load_checkpoint,
+    load_weights,
+    save_checkpoint,
+    trained_decisions,
+)
 from moe_env.agents.configs import config_from_dict
+from moe_env.agents.cross_layer_scores import CrossLayerScores
 from moe_env.agents.model_tables import find_shipped_tables, load_tables
 from moe_env.agents.set_scorer import Decisions, NumpyScorer, SetScorerNet, fit_scorer, widen_scorer
 
+from moe_env.allocation import Allocation
 from moe_env.errors import CheckpointError, UsageError
 from moe_env.policy import CacheView, ModelSpec, Policy, RouteEvent
 from moe_env.sim import Replayer, cost_model_for
@@ -44,6 +54,7 @@ from moe_env.trace import Trace
 
 KIND = "imitation"
 BEHAVIOURS = ("belady", "lru", "learner")
+ALLOCATIONS = ("uniform", "shared", "both")
 
 
 def shipped_imitation_path() -> Path:
@@ -83,6 +94,12 @@ class ImitationConfig:
     # feature columns held at zero in training, so the scorer ignores them (constant columns are ignored): an
     # ablation that keeps the checkpoint's rows those of this moe-env
     ignored_features: list[str] = field(default_factory=list)
+    # which decisions are collected: "uniform" (one layer's candidates per eviction), "shared" (one pool of every
+    # layer: all layers' candidates per eviction, agents/shared_imitation.py) or "both"; a checkpoint trained on
+    # shared decisions ranks across layers (its "decisions" field)
+    allocation: str = "uniform"
+    # total slots of the shared pool; None: num_layers x each per-layer budget (capacities_for)
+    shared_budgets: list[int] | None = None
     seed: int = 0
 
     @classmethod
@@ -91,6 +108,15 @@ class ImitationConfig:
         if foreign:
             raise UsageError(f"ignored_features names unknown columns {foreign}: the columns are {', '.join(FEATURES)}")
         return config_from_dict(cls, values, "imitation config")
+
+    def __post_init__(self) -> None:  # every way of building a config (file, dict, code) checks it
+        if self.allocation not in ALLOCATIONS:
+            raise UsageError(f"imitation config: allocation {self.allocation!r}, expected one of {ALLOCATIONS}")
+
+    @property
+    def decisions(self) -> list[str]:
+        """The decision kinds (agents/checkpoint.py DECISION_KINDS) this config trains on."""
+        return {"uniform": [PER_LAYER], "shared": [SHARED], "both": [PER_LAYER, SHARED]}[self.allocation]
 
 
 def default_capacities(num_experts: int, top_k: int) -> list[int]:
@@ -135,16 +161,32 @@ class CandidateFeaturePolicy(Policy):
 
 
 class ScorerEviction(CandidateFeaturePolicy):
-    """Evicts the candidate with the lowest set-scorer score."""
+    """Evicts the candidate with the lowest set-scorer score. `across_layers`: the scorer was trained on shared-pool
+    decisions (its scores compare across layers), so the policy may serve one pool of every layer."""
 
-    def __init__(self, scorer: NumpyScorer, tables: ModelTables | str | None = "shipped"):
+    def __init__(self, scorer: NumpyScorer, tables: ModelTables | str | None = "shipped", across_layers: bool = False):
         self.scorer = scorer
         self.tables = tables
         self.features = None
+        self.ranks_across_layers = across_layers
         self._scored: np.ndarray | None = None
         self._scores = np.zeros(0)
+        # a shared pool asks every layer at each eviction: every resident scored at once, rows kept per layer
+        self._across = CrossLayerScores(scorer) if across_layers else None
+
+    def begin_sequence(self, cache: CacheView) -> None:
+        super().begin_sequence(cache)
+        if self._across is not None:
+            self._across.begin(self.features)
+
+    def observe(self, event: RouteEvent, cache: CacheView) -> None:
+        super().observe(event, cache)
+        if self._across is not None:
+            self._across.observe(event.layer)
 
     def eviction_scores(self, layer: int, candidates: np.ndarray, cache: CacheView) -> np.ndarray:
+        if self._across is not None:
+            return self._across.scores(layer, candidates, cache)
         if len(candidates) == 1:
             return np.zeros(1)
         rows = self.features.layer_rows(layer, cache)
@@ -162,7 +204,8 @@ class CheckpointScorerEviction(ScorerEviction):
         self.ckpt = load_checkpoint(self.path, kind)
         choice: str | None = "shipped" if tables is None else tables
         super().__init__(NumpyScorer(load_scorer_net(self.ckpt, str(self.path))),
-                         None if str(choice).lower() == "none" else choice)  # fmt: skip
+                         None if str(choice).lower() == "none" else choice,
+                         SHARED in trained_decisions(self.ckpt, str(self.path)))  # fmt: skip
         self.columns = [str(name) for name in self.ckpt.config.get("features", [])]  # checked by load_scorer_net
         self.needs = [str(n) for n in self.ckpt.config.get("needs", [])]
         unknown = sorted(set(self.needs) - set(SIGNALS))
@@ -289,7 +332,7 @@ def belady_labels(next_use: np.ndarray) -> np.ndarray:
     return next_use == next_use.max()
 
 
-def replay(trace: Trace, policy: Policy, capacity: int, profile: str | None = None):
+def replay(trace: Trace, policy: Policy, capacity: int | Allocation, profile: str | None = None):
     """Demand-only replay of every sequence through `policy` (the cache's one decision point); the SimResult."""
     replayer = Replayer(trace.meta, policy, capacity, cost_model_for(trace.meta, profile))
     for sequence in trace.sequences:
@@ -299,7 +342,7 @@ def replay(trace: Trace, policy: Policy, capacity: int, profile: str | None = No
     return replayer.finish()
 
 
-def estimate_evictions(trace: Trace, capacity: int) -> int:
+def estimate_evictions(trace: Trace, capacity: float) -> int:
     """About how many evictions one replay makes (half the accesses miss at small budgets): to subsample."""
     miss = max(0.05, 1.0 - capacity / trace.meta.num_experts)
     return max(1, int(trace.num_accesses * miss))
@@ -307,9 +350,14 @@ def estimate_evictions(trace: Trace, capacity: int) -> int:
 
 def collect(trace: Trace, capacities: list[int], behaviour: str, scorer: NumpyScorer | None, beta: float,
             budget: int, tables: ModelTables | None, seed: int, signal_dropout: float = 0.0,
-            no_tables_share: float = 0.0) -> tuple[Decisions, float]:  # fmt: skip
+            no_tables_share: float = 0.0, shared: bool = False) -> tuple[Decisions, float]:  # fmt: skip
     """Decisions of one round over every capacity; and the learner's agreement with Belady (nan if not learner).
-    A share `no_tables_share` of the sequences is replayed without `tables` (online statistics from empty)."""
+    A share `no_tables_share` of the sequences is replayed without `tables` (online statistics from empty).
+    `shared`: each capacity is the total of one pool of every layer (agents/shared_imitation.py decisions)."""
+    from moe_env.agents.shared_imitation import SharedDecisionCollector  # it builds on this module
+
+    meta = trace.meta
+    make = SharedDecisionCollector if shared else DecisionCollector
     parts = []
     agree = total = 0
     per_capacity = max(1, budget // len(capacities))
@@ -319,11 +367,12 @@ def collect(trace: Trace, capacities: list[int], behaviour: str, scorer: NumpySc
         plain = min(len(order) - 1, max(1, round(no_tables_share * len(order))))
         splits = [(_sequences(trace, order[:plain]), None), (_sequences(trace, order[plain:]), tables)]
     for i, capacity in enumerate(capacities):
-        keep = min(1.0, per_capacity / estimate_evictions(trace, capacity))
+        keep = min(1.0, per_capacity / estimate_evictions(trace, capacity / meta.num_layers if shared else capacity))
+        layout = Allocation.one_pool(meta.num_layers, meta.num_experts, capacity) if shared else capacity
         for j, (part, part_tables) in enumerate(splits):
-            collector = DecisionCollector(behaviour, scorer, beta, keep, part_tables, seed=seed * 1000 + 10 * i + j,
-                                          signal_dropout=signal_dropout)  # fmt: skip
-            replay(part, collector, capacity)
+            collector = make(behaviour, scorer, beta, keep, part_tables, seed=seed * 1000 + 10 * i + j,
+                             signal_dropout=signal_dropout)  # fmt: skip
+            replay(part, collector, layout)
             parts.append(collector.decisions_recorded())
             agree += collector.agree
             total += collector.decisions
@@ -347,7 +396,8 @@ class RoundResult:
 
 def save_imitation(net: SetScorerNet, config: ImitationConfig, trained_on: list[str], path: str | os.PathLike,
                    extra: dict[str, Any] | None = None) -> Path:  # fmt: skip
-    described = asdict(config) | {"features": list(FEATURES), "trained_on": trained_on} | (extra or {})
+    described = asdict(config) | {"features": list(FEATURES), "trained_on": trained_on,
+                                  "decisions": config.decisions} | (extra or {})  # fmt: skip
     model = {"name": "", "num_layers": 0, "num_experts": 0, "top_k": 0}  # shape-agnostic
     return save_checkpoint(PolicyCheckpoint(KIND, model, 0, NUM_FEATURES, described, net.state_dict()), path)
 
@@ -372,14 +422,17 @@ def dagger(
         agreements = []
         for i, (trace, tables) in enumerate(traces):
             trace = subsample(trace, config.max_sequences, config.seed + 31 * round_index + i)
-            capacities = capacities_for(trace, config)
-            budget = config.max_decisions_per_round // len(traces)
+            kinds = config.decisions
+            budget = config.max_decisions_per_round // (len(traces) * len(kinds))
             seed = config.seed + 7919 * round_index + i
             used = tables if config.use_tables else None
-            part, agree = collect(trace, capacities, behaviour, scorer, config.beta, budget, used, seed,
-                                  config.signal_dropout, config.no_tables_share)  # fmt: skip
-            parts.append(part)
-            agreements.append(agree)
+            for kind in kinds:
+                shared = kind == SHARED
+                capacities = shared_budgets_for(trace, config) if shared else capacities_for(trace, config)
+                part, agree = collect(trace, capacities, behaviour, scorer, config.beta, budget, used, seed,
+                                      config.signal_dropout, config.no_tables_share, shared)  # fmt: skip
+                parts.append(part)
+                agreements.append(agree)
         fresh = Decisions.concat(parts)
         pool = Decisions.concat([pool, fresh])
         log(f"round {round_index} ({behaviour} states): {fresh.size} new decisions, pool {pool.size}")
@@ -433,32 +486,50 @@ def capacities_for(trace: Trace, config: ImitationConfig) -> list[int]:
     return [c for c in chosen if meta.top_k < c < meta.num_experts] or [min(meta.top_k + 1, meta.num_experts)]
 
 
-References = dict[tuple[str, int], tuple[float, float]]  # (label, capacity) -> (LRU hit rate, Belady hit rate)
+def shared_budgets_for(trace: Trace, config: ImitationConfig) -> list[int]:
+    """Total slots of the shared pool `trace` is trained and validated at: `shared_budgets`, else num_layers x each
+    per-layer budget; only those that hold one token's experts and leave something to evict."""
+    meta = trace.meta
+    chosen = config.shared_budgets or [meta.num_layers * c for c in capacities_for(trace, config)]
+    return [t for t in chosen if meta.top_k <= t < meta.num_layers * meta.num_experts]
+
+
+References = dict[tuple[str, int | str], tuple[float, float]]  # (label, capacity) -> (LRU hit rate, Belady hit rate)
 
 
 def gap_report(net: SetScorerNet, traces: list[tuple[str, Trace, ModelTables | None]], config: ImitationConfig,
-               references: References | None = None) -> dict[str, dict[int, dict]]:  # fmt: skip
-    """Per trace label and capacity: the scorer's hit rate, LRU's, Belady's and the share of the gap captured."""
+               references: References | None = None) -> dict[str, dict[int | str, dict]]:  # fmt: skip
+    """Per trace label and capacity: the scorer's hit rate, LRU's, Belady's and the share of the gap captured.
+    Trained on shared decisions: also each shared budget, keyed "shared-<total>" (LRU and Belady in that pool)."""
     from moe_env.sim import simulate
 
     references = {} if references is None else references
     scorer = NumpyScorer(net)
-    out: dict[str, dict[int, dict]] = {}
+    across = SHARED in config.decisions
+    out: dict[str, dict[int | str, dict]] = {}
     for label, trace, tables in traces:
         out[label] = {}
-        for capacity in capacities_for(trace, config):
-            if (label, capacity) not in references:
-                references[(label, capacity)] = (
-                    simulate(trace, "lru", capacity).hit_rate,
-                    simulate(trace, "belady", capacity).hit_rate,
+        meta = trace.meta
+        layouts: list[tuple[int | str, int | Allocation]] = []
+        if PER_LAYER in config.decisions:
+            layouts += [(c, c) for c in capacities_for(trace, config)]
+        if across:
+            layouts += [(f"shared-{t}", Allocation.one_pool(meta.num_layers, meta.num_experts, t))
+                        for t in shared_budgets_for(trace, config)]  # fmt: skip
+        for key, layout in layouts:
+            if (label, key) not in references:
+                references[(label, key)] = (
+                    simulate(trace, "lru", layout).hit_rate,
+                    simulate(trace, "belady", layout).hit_rate,
                 )
-            lru, belady = references[(label, capacity)]
-            hit = replay(trace, ScorerEviction(scorer, tables if config.use_tables else None), capacity).hit_rate
+            lru, belady = references[(label, key)]
+            policy = ScorerEviction(scorer, tables if config.use_tables else None, across_layers=across)
+            hit = replay(trace, policy, layout).hit_rate
             gap = (hit - lru) / (belady - lru) if belady > lru else math.nan
-            out[label][capacity] = {"hit_rate": hit, "lru": lru, "belady": belady, "gap_captured": gap}
+            out[label][key] = {"hit_rate": hit, "lru": lru, "belady": belady, "gap_captured": gap}
     return out
 
 
-def mean_gap(report: dict[str, dict[int, dict]]) -> float:
+def mean_gap(report: dict[str, dict[int | str, dict]]) -> float:
     gaps = [v["gap_captured"] for per in report.values() for v in per.values() if not math.isnan(v["gap_captured"])]
     return float(np.mean(gaps)) if gaps else math.nan

@@ -39,14 +39,10 @@ def main() -> None:
     p.add_argument("--cache-slots", default="8,16,32")
     p.add_argument("--profile", default=None)
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--reference-budget", default=None,
-                   help="for moe-env bench (none: no memory-at-equal-hit search; default: bench's)")  # fmt: skip
     args = p.parse_args()
     spec = f"{args.trace}#{args.select}" if args.select else args.trace
     argv = ["--trace", spec, "--policies", args.policies, "--prefetch", args.prefetch, "--cache-slots",
             args.cache_slots, "--json"] + (["--profile", args.profile] if args.profile else [])  # fmt: skip
-    if args.reference_budget is not None:
-        argv += ["--reference-budget", args.reference_budget]
     serial, serial_rows = run_bench(argv)
     parallel, parallel_rows = run_bench([*argv, "--workers", str(args.workers)])
     same = serial_rows == parallel_rows

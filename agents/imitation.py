@@ -150,14 +150,21 @@ class CandidateFeaturePolicy(Policy):
     hide_share: float = 0.0  # signal dropout: each hideable signal is hidden in a sequence with this probability
     hide_rng: np.random.Generator | None = None
 
+    # a shared pool asks every layer at each eviction: every resident scored at once, rows kept per layer
+    _across: CrossLayerScores | None = None
+
     def begin_sequence(self, cache: CacheView) -> None:
         hidden = ()
         if self.hide_share > 0 and self.hide_rng is not None:
             hidden = [name for name in HIDEABLE if self.hide_rng.random() < self.hide_share]
         self.features.begin_sequence(hidden)
+        if self._across is not None:
+            self._across.begin(self.features)
 
     def observe(self, event: RouteEvent, cache: CacheView) -> None:
         self.features.update(event, cache.clock)
+        if self._across is not None:
+            self._across.observe(event.layer)
 
 
 class ScorerEviction(CandidateFeaturePolicy):
@@ -171,18 +178,7 @@ class ScorerEviction(CandidateFeaturePolicy):
         self.ranks_across_layers = across_layers
         self._scored: np.ndarray | None = None
         self._scores = np.zeros(0)
-        # a shared pool asks every layer at each eviction: every resident scored at once, rows kept per layer
         self._across = CrossLayerScores(scorer) if across_layers else None
-
-    def begin_sequence(self, cache: CacheView) -> None:
-        super().begin_sequence(cache)
-        if self._across is not None:
-            self._across.begin(self.features)
-
-    def observe(self, event: RouteEvent, cache: CacheView) -> None:
-        super().observe(event, cache)
-        if self._across is not None:
-            self._across.observe(event.layer)
 
     def eviction_scores(self, layer: int, candidates: np.ndarray, cache: CacheView) -> np.ndarray:
         if self._across is not None:

@@ -1,6 +1,6 @@
 """Imitation of Belady in one pool shared by every layer (``--allocation shared``): the decisions and the plug-in.
 
-In a shared pool the cache (moe_env/cache.py ``_victim_across``) asks the policy for ``eviction_scores(layer,
+In a shared pool the cache (moe_env/cache.py ``_python_victim``) asks the policy for ``eviction_scores(layer,
 candidates, cache)`` once per layer that has candidates, all at one ``cache.clock``, and evicts the lowest score
 over every layer. ``SharedDecisionCollector`` groups those per-layer calls by the clock into ONE decision (every
 layer's candidates, in layer order) labelled with Belady's shared-pool choice: the candidates with the farthest
@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 from moe_env.agents.candidate_features import ModelTables
 from moe_env.agents.cross_layer_scores import CrossLayerScores
-from moe_env.agents.imitation import BEHAVIOURS, CandidateFeaturePolicy, ImitationPolicy, belady_labels
+from moe_env.agents.imitation import DecisionCollector, ImitationPolicy, belady_labels
 from moe_env.agents.set_scorer import Decisions, NumpyScorer
 
-from moe_env.policy import CacheView, RouteEvent
+from moe_env.policy import CacheView
 
 
 def shipped_shared_path() -> Path:
@@ -53,40 +53,22 @@ class _Decision:
         self.scores: list[np.ndarray] = []  # the learner's, for its agreement with Belady
 
 
-class SharedDecisionCollector(CandidateFeaturePolicy):
+class SharedDecisionCollector(DecisionCollector):
     """Records (every layer's candidate rows, Belady's shared-pool label) at each eviction of a shared pool and
     evicts as ``behaviour`` says (belady, lru, or the learner with the oracle taking a share ``beta``)."""
 
-    needs_future = True
     ranks_across_layers = True
 
     def __init__(self, behaviour: str, scorer: NumpyScorer | None = None, beta: float = 0.0,
                  keep: float = 1.0, tables: ModelTables | None = None, seed: int = 0,
                  signal_dropout: float = 0.0):  # fmt: skip
-        if behaviour not in BEHAVIOURS or (behaviour == "learner" and scorer is None):
-            raise ValueError(f"behaviour {behaviour!r}: expected one of {BEHAVIOURS} (learner needs a scorer)")
-        self.behaviour, self.scorer, self.beta, self.keep = behaviour, scorer, beta, keep
-        self.tables = tables
-        self.rng = np.random.default_rng(seed)
-        self.hide_share, self.hide_rng = signal_dropout, np.random.default_rng(seed + 1)
-        self.features = None
-        self.rows: list[np.ndarray] = []
-        self.targets: list[np.ndarray] = []
-        self.distances: list[np.ndarray] = []
-        self.agree = self.decisions = 0
+        super().__init__(behaviour, scorer, beta, keep, tables, seed, signal_dropout)
         self._open: _Decision | None = None
         self._across = CrossLayerScores(scorer) if scorer is not None else None  # the learner's scores
 
     def begin_sequence(self, cache: CacheView) -> None:
         self._close()  # a cold sequence restarts the clock: never merge its first eviction into the last one
         super().begin_sequence(cache)
-        if self._across is not None:
-            self._across.begin(self.features)
-
-    def observe(self, event: RouteEvent, cache: CacheView) -> None:
-        super().observe(event, cache)
-        if self._across is not None:
-            self._across.observe(event.layer)
 
     def eviction_scores(self, layer: int, candidates: np.ndarray, cache: CacheView) -> np.ndarray:
         decision = self._open
@@ -127,12 +109,4 @@ class SharedDecisionCollector(CandidateFeaturePolicy):
 
     def decisions_recorded(self) -> Decisions:
         self._close()
-        if not self.rows:
-            return Decisions.concat([])
-        lengths = np.array([len(r) for r in self.rows])
-        return Decisions(
-            np.concatenate(self.rows),
-            np.concatenate(self.targets),
-            np.concatenate([[0], np.cumsum(lengths)]),
-            np.concatenate(self.distances),
-        )
+        return super().decisions_recorded()

@@ -282,6 +282,10 @@ class CandidateFeatures:
             state.token_last = _grow(state.token_last, rows, -1)
             self._arrays = state.arrays()
 
+    def changed(self) -> None:
+        """The state was updated outside ``update`` (a compiled replay): rows cached before are stale."""
+        self._version += 1
+
     def arrays(self) -> tuple:
         """The state arrays as the compiled functions take them (valid until the next token row or step grows)."""
         return self._arrays

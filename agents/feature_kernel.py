@@ -260,9 +260,11 @@ def candidate_rows(state, layer, ids, n, slots, capacity, top_k, loaded, history
     weight = values[SLOW_SUM, layer]
     weight_total = _pairwise_sum(weight, num_experts)
     table = transition[layer]
+    share = np.empty(num_experts)  # w_j / sum w and the smoothed denominator of P(. | j), once per call
     if weight_total > 0:
         for j in range(num_experts):
-            scratch[j] = _pairwise_sum(table[j], num_experts) / top_k
+            scratch[j] = _pairwise_sum(table[j], num_experts) / top_k + SMOOTHING
+            share[j] = weight[j] / weight_total
     token = scalars[TOKEN_ROW]
     token_sum = 0.0
     next_sum = 0.0
@@ -338,9 +340,10 @@ def candidate_rows(state, layer, ids, n, slots, capacity, top_k, loaded, history
         row[SEQ_SHARE] = count / (seen + 1.0) / uniform
         row[LONG_SHARE] = (pop[e] + 1.0) / pop_total * num_experts
         if weight_total > 0:
+            smoothed = SMOOTHING * prior[e]
             mix = 0.0
             for j in range(num_experts):
-                mix += weight[j] / weight_total * ((table[j, e] + SMOOTHING * prior[e]) / (scratch[j] + SMOOTHING))
+                mix += share[j] * ((table[j, e] + smoothed) / scratch[j])
             row[TRANSITION_MIX] = math.log(mix / uniform)
         row[FIRST_LAYER] = 1.0 if first else 0.0
         if token_sum > 0:

@@ -66,14 +66,14 @@ def test_compiled_rows_equal_the_numpy_rows(name):
     """Every column of every layer's rows after every event, over whole traces (their gate weights, gate and
     lookahead logits, tokens and prefill), cold sequences with the online statistics carried across them."""
     trace = load_trace(name)
-    assert _compare(trace, 4) > 100
+    assert _compare(Trace(trace.meta, trace.sequences[:5]), 4) > 100
 
 
 def test_compiled_rows_with_tables_hidden_signals_repeats_and_a_profile():
     trace = load_trace("builtin:tiny-mixtral/eval")
     tables = build_tables(load_trace("builtin:tiny-mixtral/train"))
     # repeated input tokens (repeat_* columns fire) and tokens the tables know
-    seqs = [replace(s, output_ids=(np.arange(s.num_steps + 1) % 7).astype(np.int32)) for s in trace.sequences[:3]]
+    seqs = [replace(s, output_ids=(np.arange(s.num_steps + 1) % 7).astype(np.int32)) for s in trace.sequences[:2]]
     repeated = Trace(trace.meta, seqs)
     assert _compare(repeated, 3, tables) > 100
     assert _compare(repeated, 3, tables, hidden=HIDEABLE) > 100

@@ -92,7 +92,7 @@ def test_the_shared_scorer_in_one_pool_decides_as_per_event():
 @pytest.mark.skipif(not DSV2.is_dir(), reason="../shared/traces is absent")
 def test_imitation_on_real_routing_decides_as_per_event():
     """DeepSeek-V2-Lite eval prompts (string tokens through the import's vocabulary, no weights or logits)."""
-    trace = load_trace(f"{DSV2}#id=901-904")
+    trace = load_trace(f"{DSV2}#id=901-902")
     assert _same_decisions(trace, "imitation", 16) > 1000
     assert _same_decisions(trace, "imitation", _profile(trace, 14)) > 1000
 

@@ -180,6 +180,13 @@ class ScorerEviction(CandidateFeaturePolicy):
         self._scores = np.zeros(0)
         self._across = CrossLayerScores(scorer) if across_layers else None
 
+    def compiled_router(self):
+        """moe_env.sim's fast path: agents/scored_replay.py routes a sequence's events for this plug-in in
+        compiled code (None when a subclass changed one of its hooks)."""
+        from moe_env.agents.scored_replay import replays_compiled, route_sequence
+
+        return route_sequence if replays_compiled(self) else None
+
     def eviction_scores(self, layer: int, candidates: np.ndarray, cache: CacheView) -> np.ndarray:
         if self._across is not None:
             return self._across.scores(layer, candidates, cache)
@@ -215,14 +222,18 @@ class CheckpointScorerEviction(ScorerEviction):
 
     def observe(self, event: RouteEvent, cache: CacheView) -> None:
         if not self._checked and not event.prefill:
-            for name in self.needs:
-                if not SIGNALS[name](event):
-                    raise CheckpointError(
-                        f"{self.path}: this policy needs the {name} (trained only where they exist), which this "
-                        f"trace lacks; train it on traces without them or use another policy"
-                    )
+            self.check_signals(event)
             self._checked = True
         super().observe(event, cache)
+
+    def check_signals(self, event: RouteEvent) -> None:
+        """Refuse a decode event that lacks a signal the checkpoint needs."""
+        for name in self.needs:
+            if not SIGNALS[name](event):
+                raise CheckpointError(
+                    f"{self.path}: this policy needs the {name} (trained only where they exist), which this "
+                    f"trace lacks; train it on traces without them or use another policy"
+                )
 
 
 def load_scorer_net(ckpt: PolicyCheckpoint, where: str) -> SetScorerNet:

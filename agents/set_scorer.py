@@ -52,22 +52,29 @@ def widen_scorer(net: SetScorerNet, columns: list[int], num_features: int) -> Se
 
 
 class NumpyScorer:
-    """The same function as a SetScorerNet, in float64 numpy (bit-for-bit deterministic, no torch per call)."""
+    """The same function as a SetScorerNet, in float64 (bit-for-bit deterministic, no torch per call): the
+    compiled forward of agents/scorer_kernel.py, each row scored on its own."""
 
     def __init__(self, net: SetScorerNet):
         state = {k: v.detach().double().numpy() for k, v in net.state_dict().items()}
         self.mean, self.inv_std = state["mean"], 1.0 / state["std"]
         linears = sorted({k.rsplit(".", 1)[0] for k in state if k.startswith("body.")}, key=lambda s: int(s[5:]))
         self.layers = [(state[f"{name}.weight"].T.copy(), state[f"{name}.bias"]) for name in linears]
+        if len(self.layers) != 3:
+            raise ValueError(f"a set scorer has 3 linear layers, this one {len(self.layers)}")
+
+    def weights(self) -> tuple[np.ndarray, ...]:
+        """(mean, inv_std, clip, w1, b1, w2, b2, w3, b3): the compiled forward's arguments after rows and n."""
+        (w1, b1), (w2, b2), (w3, b3) = self.layers
+        return self.mean, self.inv_std, CLIP, w1, b1, w2, b2, w3, b3
 
     def __call__(self, rows: np.ndarray) -> np.ndarray:
-        h = np.clip((rows - self.mean) * self.inv_std, -CLIP, CLIP)
-        last = len(self.layers) - 1
-        for i, (weight, bias) in enumerate(self.layers):
-            h = h @ weight + bias
-            if i < last:
-                np.maximum(h, 0.0, out=h)
-        return h[:, 0]
+        from moe_env.agents.scorer_kernel import score_rows  # numba: imported when first scoring
+
+        rows = np.ascontiguousarray(rows, dtype=np.float64)
+        out = np.empty(len(rows))
+        score_rows(rows, len(rows), *self.weights(), out)
+        return out
 
 
 @dataclass

@@ -4,13 +4,15 @@ The reference is the least a simulator must do: a minimal pure-Python per-layer 
 accesses (no timing, no counters beyond hits). Medians over --repeat runs of CPU time, one core, side by side.
 Policies are built once per row (the plug-in registry lookup, ~2 ms per spec, is printed apart). Two paths, same
 decisions: ``kernel`` (the default replay: a sequence at a time through the cache kernel, built-in rankings and
-prefetchers inside it, Python only for a plug-in's own victims) and ``route`` (``fast=False``: one
-ExpertCacheState.route call per event, what the env and the engine do; also the default for plug-ins with Python
-observe/prefetch hooks, printed as kernel=route). numba compiles the kernel on first use: the compile time (from
-scratch, in a subprocess with an empty NUMBA_CACHE_DIR) and this process's first call (the cached machine code
-loaded) are printed apart and never counted in a rate (each rate is the median of --repeat runs after that).
+prefetchers inside it, Python only for a plug-in's own victims; the set-scorer eviction plug-ins, imitation,
+imitation-shared and ppo, in agents/scored_replay.py's compiled loop around the kernel) and ``route``
+(``fast=False``: one ExpertCacheState.route call per event, what the env and the engine do; also the default for
+plug-ins with Python observe/prefetch hooks, printed as kernel=route). numba compiles the kernel on first use: the
+compile time (from scratch, in a subprocess with an empty NUMBA_CACHE_DIR) and this process's first call (the cached
+machine code loaded) are printed apart and never counted in a rate (each rate: the median of --repeat runs after that).
 
     nice -n 10 .venv/bin/python bench/sim_speed.py [--trace SPEC] [--slots 4] [--repeat 5] [--learned-trace SPEC]
+                                                   [--learned-only]
 
 Every built-in eviction policy with every prefetcher (none, lookahead, affinity, oracle) on --trace (default: the
 shared Mixtral log, which has no lookahead logits: lookahead prefetches nothing there), then the shipped learned
@@ -29,13 +31,14 @@ import time
 from pathlib import Path
 
 from moe_env.policy import build_policy
-from moe_env.sim import Replayer, cost_model_for, simulate
+from moe_env.sim import Replayer, compiled_router, cost_model_for, simulate
 from moe_env.trace import Trace, load_trace
 
 DEFAULT_TRACE = Path(__file__).resolve().parents[1].parent / "shared" / "traces" / "mixtral-8x7b-gsm8k-routing.jsonl"
 HEURISTICS = ["lru", "lfu", "fifo", "belady", "random:seed=0", "lfu-decay:decay=0.9", "lrfu:lam=0.1", "lfuda"]
 PREFETCHERS = [None, "lookahead", "affinity", "oracle"]
-LEARNED = ["flat-predictor", "ppo"]  # timed on --learned-trace (flat-predictor runs on tiny-mixtral only)
+# timed on --learned-trace (flat-predictor runs on tiny-mixtral only)
+LEARNED = ["flat-predictor", "imitation", "imitation-shared", "ppo"]
 RUNS = [(policy, prefetch) for prefetch in PREFETCHERS for policy in HEURISTICS]
 
 
@@ -77,10 +80,12 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--profile", default="consumer-pcie4")
     parser.add_argument("--learned-trace", default="builtin:tiny-mixtral/eval", help="trace for the learned rows")
+    parser.add_argument("--learned-only", action="store_true", help="only the learned policies' table")
     args = parser.parse_args()
-    jit_compile_time()
-    table(load_trace(args.trace), args.trace, args.slots, args.repeat, args.profile, RUNS)
-    print()
+    if not args.learned_only:
+        jit_compile_time()
+        table(load_trace(args.trace), args.trace, args.slots, args.repeat, args.profile, RUNS)
+        print()
     table(load_trace(args.learned_trace), args.learned_trace, args.slots, args.repeat, args.profile,
           [(p, None) for p in LEARNED])  # fmt: skip
 
@@ -103,6 +108,7 @@ def table(trace: Trace, label: str, slots: int, repeat: int, profile: str, runs:
         for fast in (True, False):
             built = build_policy(policy, prefetch)
             in_kernel = Replayer(trace.meta, built, slots, cost).cache.routes_in_kernel
+            in_kernel = in_kernel or compiled_router(built) is not None  # the set-scorer plug-ins' compiled replay
             if fast and not in_kernel:
                 print(f"{policy:<22}{prefetch or 'none':<11}{'kernel':<9}{'= route':>12}{'(hooks)':>14}")
                 continue

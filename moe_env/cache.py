@@ -240,6 +240,17 @@ class ExpertCacheState:
     def counters(self, value: Counters) -> None:
         self._counters = value
 
+    def kernel_arrays(self) -> tuple[np.ndarray, ...]:
+        """(ints, flags, key_in, pools, layer_pool, scalars, stamp, cursor, cand, scratch): the state that
+        cache_kernel.advance routes over, for a compiled driver that ranks victims itself (agents/scored_replay.py,
+        a learned plug-in's replay); it calls ``fold_counters`` when done."""
+        return (self._ints, self._flags, self._key_in, self._pools, self._layer_pool, self._scalars, self._stamp,
+                self._cursor, self._cand, self._scratch)  # fmt: skip
+
+    def fold_counters(self) -> None:
+        """Add the kernel's counter deltas to the Counters (after a compiled driver routed through the kernel)."""
+        self._fold_counters()
+
     def _fold_counters(self) -> None:
         """Add the kernel's counter deltas to the Counters (after every call that routes)."""
         deltas = self._deltas

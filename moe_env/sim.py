@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_right
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 
 import numpy as np
@@ -39,6 +39,9 @@ from moe_env.errors import UsageError
 from moe_env.policy import CombinedPolicy, ModelSpec, Policy, build_policy
 from moe_env.routing import LayerRouting, PrefillLayout, route_events
 from moe_env.trace import SequenceTrace, Trace, TraceMeta
+
+# (policy, cache, events, first, end, sequence, vocab): routes events first..end-1 of one sequence
+CompiledRouter = Callable[[Policy, ExpertCacheState, EventArrays, int, int, SequenceTrace, "list | None"], None]
 
 
 class TraceOracle:
@@ -505,13 +508,18 @@ def replay(
     policy: ``simulate`` is one call over everything; moe_env.sweep merges cold shards of it.
 
     A plug-in without Python observe or prefetch hooks (built-in prefetchers aside) is replayed a sequence at a
-    time through the cache kernel (``ExpertCacheState.route_events``), and the time model as an array pass;
-    otherwise, or with ``fast=False``, one ``route`` call per event (Replayer.process). Same decisions either way.
+    time through the cache kernel (``ExpertCacheState.route_events``), and the time model as an array pass; so is
+    one with a ``compiled_router`` (the set-scorer eviction plug-ins: agents/scored_replay.py feeds their features
+    and ranks their victims in compiled code around the same kernel); otherwise, or with ``fast=False``, one
+    ``route`` call per event (Replayer.process). Same decisions either way.
     """
     chosen = trace.sequences if sequences is None else [trace.sequences[i] for i in sequences]
     replayer = Replayer(trace.meta, policy, capacity, cost, prefill=prefill, warm=warm)
     if fast and replayer.cache.routes_in_kernel:
         return kernel_replay(replayer, chosen)[0]
+    router = compiled_router(policy)
+    if fast and router is not None:
+        return kernel_replay(replayer, chosen, router)[0]
     if warm:
         replayer.begin_stream(chosen)
     for sequence in chosen:
@@ -521,9 +529,18 @@ def replay(
     return replayer.tally()
 
 
-def kernel_replay(replayer: Replayer, sequences: Sequence[SequenceTrace]) -> tuple[SimTally, EventArrays]:
-    """Replay `sequences` through the cache kernel (the replayer's cache must route in it: routes_in_kernel):
-    the tally and the events with the kernel's per-access and per-request outcomes (acc_out, req_out)."""
+def compiled_router(policy: Policy) -> CompiledRouter | None:
+    """The plug-in's compiled replay of a sequence's events (its ``compiled_router()``, e.g. the set-scorer
+    eviction plug-ins'), else None."""
+    hook = getattr(policy, "compiled_router", None)
+    return hook() if callable(hook) else None
+
+
+def kernel_replay(replayer: Replayer, sequences: Sequence[SequenceTrace],
+                  router: CompiledRouter | None = None) -> tuple[SimTally, EventArrays]:  # fmt: skip
+    """Replay `sequences` through the cache kernel (the replayer's cache must route in it: routes_in_kernel, or
+    `router` routes each sequence's events: compiled_router): the tally and the events with the kernel's
+    per-access and per-request outcomes (acc_out, req_out)."""
     from moe_env.cache_kernel import timeline
 
     cache, meta, cost = replayer.cache, replayer.meta, replayer.cost
@@ -542,7 +559,10 @@ def kernel_replay(replayer: Replayer, sequences: Sequence[SequenceTrace]) -> tup
         replayer.begin_sequence(sequence)
         if belady and (index == 0 or not replayer.warm):
             cache.begin_future(events, first, int(starts[-1]) if replayer.warm else end)
-        cache.route_events(events, first, end)
+        if router is None:
+            cache.route_events(events, first, end)
+        else:
+            router(replayer.policy, cache, events, first, end, sequence, replayer._vocab)
         ready[:] = 0.0
         times[:] = 0.0
         timeline(events.ev, events.acc_off, events.experts, events.req_off, events.req_key, events.acc_out,

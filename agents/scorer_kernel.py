@@ -39,6 +39,8 @@ def score_rows(rows, n, mean, inv_std, clip, w1, b1, w2, b2, w3, b3, out):  # pr
         h2[:] = 0.0
         for i in range(hidden1):
             v = h1[i]
+            if v == 0.0:  # a ReLU zero adds +-0.0 to sums that are never -0.0: skipping it changes no bit
+                continue
             for j in range(hidden2):
                 h2[j] += v * w2[i, j]
         score = 0.0

@@ -9,6 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from moe_env.agents.candidate_features import FEATURES
 from moe_env.agents.imitation import ImitationPolicy, ScorerEviction
 from moe_env.agents.scored_replay import replays_compiled
 from moe_env.agents.set_scorer import NumpyScorer, SetScorerNet
@@ -17,15 +20,15 @@ from moe_env.allocation import Allocation
 from moe_env.errors import CheckpointError
 from moe_env.policy import PolicyError, build_policy
 from moe_env.sim import Replayer, cost_model_for, kernel_replay, replay
-from moe_env.trace import Trace, load_trace
+from moe_env.trace import SequenceTrace, Trace, TraceMeta, load_trace
 
 DSV2 = Path(__file__).resolve().parents[1].parent / "shared" / "traces" / "dsv2lite-puffin"
 
 
-def _per_event(trace: Trace, policy, allocation, warm: bool):
+def _per_event(trace: Trace, policy, allocation, warm: bool, prefill: str = "chunked"):
     """(hit, slot, evicted key) per access and the tally of one route call per event."""
     cost = cost_model_for(trace.meta, None)
-    replayer = Replayer(trace.meta, policy, allocation, cost, warm=warm)
+    replayer = Replayer(trace.meta, policy, allocation, cost, warm=warm, prefill=prefill)
     assert replayer.cache.routes_in_kernel is False
     num_experts = trace.meta.num_experts
     accesses = []
@@ -36,16 +39,16 @@ def _per_event(trace: Trace, policy, allocation, warm: bool):
                 loads = iter(plan.loads)
                 for hit, slot in zip(plan.hit, plan.slots, strict=True):
                     evicted = -1
-                    if not hit:
+                    if not hit and not plan.event.bypass:
                         load = next(loads)
                         evicted = -1 if load.evicted < 0 else load.evicted_layer * num_experts + load.evicted
                     accesses.append((int(hit), slot, evicted))
     return accesses, replayer.tally()
 
 
-def _compiled(trace: Trace, policy, allocation, warm: bool):
+def _compiled(trace: Trace, policy, allocation, warm: bool, prefill: str = "chunked"):
     cost = cost_model_for(trace.meta, None)
-    replayer = Replayer(trace.meta, policy, allocation, cost, warm=warm)
+    replayer = Replayer(trace.meta, policy, allocation, cost, warm=warm, prefill=prefill)
     router = policy.compiled_router()
     assert router is not None
     _, events = kernel_replay(replayer, trace.sequences, router)
@@ -144,3 +147,63 @@ def test_numpy_scorer_scores_each_row_on_its_own():
     want = net.double()(torch.from_numpy(rows)).detach().numpy()
     np.testing.assert_allclose(batch, want, rtol=1e-9, atol=1e-9)
     assert isinstance(ImitationPolicy(), ScorerEviction)
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    seed=st.integers(0, 2**31),
+    experts=st.integers(2, 8),
+    top_k=st.integers(1, 3),
+    extra=st.integers(0, 6),
+    prompt=st.integers(0, 4),
+    warm=st.booleans(),
+    kind=st.sampled_from(["uniform", "profile", "shared"]),
+    prefill=st.sampled_from(["chunked", "bypass"]),
+    signals=st.booleans(),
+)
+def test_random_traces_decide_as_per_event(seed, experts, top_k, extra, prompt, warm, kind, prefill, signals):
+    """Random shapes, budgets, pools, prefill modes and signals (weights, gate and lookahead logits, tokens that
+    repeat) with a random set scorer that ranks across layers: identical accesses and tallies on both paths."""
+    top_k = min(top_k, experts)
+    rng = np.random.default_rng(seed)
+    layers = 3
+
+    def rows(n):
+        return np.asarray([[rng.choice(experts, top_k, replace=False) for _ in range(layers)] for _ in range(n)])
+
+    sequences = []
+    for _ in range(int(rng.integers(1, 4))):
+        steps = int(rng.integers(1, 25))
+        decode = rows(steps)
+        decode[rng.random(decode.shape[:2]) < 0.1] = -1  # absent cells
+        logits = rng.normal(size=(steps, layers, experts)).astype(np.float32) if signals else None
+        sequences.append(SequenceTrace(
+            decode.astype(np.int16),
+            weights=rng.random((steps, layers, top_k)).astype(np.float32) if signals else None,
+            gate_logits=logits, lookahead_logits=None if logits is None else logits[::-1].copy(),
+            prefill_experts=rows(prompt).astype(np.int16) if prompt else None,
+            prefill_gate_logits=rng.normal(size=(layers, experts)).astype(np.float32) if signals else None,
+            output_ids=rng.integers(0, 4, steps + 1).astype(np.int32) if signals else None,
+        ))  # fmt: skip
+    meta = TraceMeta("toy", layers, experts, top_k, "test", expert_bytes=1_000_000_000)
+    if kind == "shared":
+        allocation = Allocation.one_pool(layers, experts, min(top_k + extra, layers * experts))
+    elif kind == "profile":
+        slots = [min(top_k + int(rng.integers(0, extra + 1)), experts) for _ in range(layers)]
+        allocation = Allocation.per_layer("profile", experts, slots)
+    else:
+        allocation = Allocation.uniform(layers, experts, min(top_k + extra, experts))
+    torch.manual_seed(seed % 1000)
+    net = SetScorerNet(len(FEATURES), 8)
+    if seed % 3 == 0:  # every score equal: the ties go to the least recently used, then the lowest key
+        with torch.no_grad():
+            net.body[4].weight.zero_()
+    trace = Trace(meta, sequences)
+
+    def build():
+        return ScorerEviction(NumpyScorer(net), tables=None, across_layers=True)
+
+    want, want_tally = _per_event(trace, build(), allocation, warm, prefill)
+    got, got_tally = _compiled(trace, build(), allocation, warm, prefill)
+    assert got == want
+    assert got_tally == want_tally

@@ -428,15 +428,10 @@ class ExpertCacheState:
     def begin_future(self, events: EventArrays, first: int, end: int) -> None:
         """Belady in the kernel: each key's next access is its first among events first..end-1 (the future of
         the stream starting here; moe_env.sim calls this when the cache starts empty or a warm stream begins)."""
-        from moe_env.cache_kernel import NEVER
+        from moe_env.cache_kernel import first_accesses
 
-        num_keys = self.spec.num_layers * self.spec.num_experts
-        self._next_access = np.full(num_keys, NEVER, dtype=np.int64)
-        lo, hi = int(events.acc_off[first]), int(events.acc_off[end])
-        keys = events.ev[np.repeat(np.arange(first, end), np.diff(events.acc_off[first : end + 1])), 0]
-        keys = keys * self.spec.num_experts + events.experts[lo:hi]
-        order = np.arange(lo, hi)[::-1]  # the last write of each key is its first access
-        self._next_access[keys[::-1]] = order
+        self._next_access = np.empty(self.spec.num_layers * self.spec.num_experts, dtype=np.int64)
+        first_accesses(events.ev, events.acc_off, events.experts, first, end, self.spec.num_experts, self._next_access)
 
     @property
     def routes_in_kernel(self) -> bool:

@@ -414,6 +414,35 @@ def advance(ints, flags, key_in, pools, layer_pool, scalars, stamp, ev, acc_off,
 
 
 @numba.njit(cache=True, error_model="numpy")
+def next_accesses(ev, acc_off, experts, group_start, num_experts, out):  # pragma: no cover - compiled
+    """Belady's future: per access the index of the next access of the same key within its group of events
+    (groups: events group_start[g]..group_start[g + 1] - 1), NEVER if none; one backward pass."""
+    num_keys = 1
+    for e in range(ev.shape[0]):
+        num_keys = max(num_keys, (ev[e, 0] + 1) * num_experts)
+    seen = np.full(num_keys, -1, dtype=np.int64)  # the group in which each key's `after` was written
+    after = np.empty(num_keys, dtype=np.int64)
+    for g in range(len(group_start) - 1):
+        for e in range(group_start[g + 1] - 1, group_start[g] - 1, -1):
+            base = ev[e, 0] * num_experts
+            for i in range(acc_off[e + 1] - 1, acc_off[e] - 1, -1):
+                key = base + experts[i]
+                out[i] = after[key] if seen[key] == g else NEVER
+                seen[key] = g
+                after[key] = i
+
+
+@numba.njit(cache=True, error_model="numpy")
+def first_accesses(ev, acc_off, experts, first, end, num_experts, out):  # pragma: no cover - compiled
+    """Per key (out, flat [L * E]) the index of its first access among events first..end-1, NEVER if none."""
+    out[:] = NEVER
+    for e in range(end - 1, first - 1, -1):
+        base = ev[e, 0] * num_experts
+        for i in range(acc_off[e + 1] - 1, acc_off[e] - 1, -1):
+            out[base + experts[i]] = i
+
+
+@numba.njit(cache=True, error_model="numpy")
 def timeline(ev, acc_off, experts, req_off, req_key, acc_out, req_out, e_from, e_to, num_experts, copy_s,
              expert_s, layer_s, ready, out):  # pragma: no cover - compiled  # fmt: skip
     """moe_env.sim.Replayer's time model over events e_from..e_to-1 of one sequence (the link idle and every copy

@@ -11,7 +11,7 @@ safeguard); hit rate is near-monotone in the budget, and the answer is locally m
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 
 import numpy as np
@@ -180,23 +180,36 @@ class BudgetBench:
 
 def least_meeting(count: int, value: Callable[[int], float], target: float, start: int) -> int | None:
     """The least index i in 0..count-1 with value(i) >= target, value near-monotone increasing in i (a hit rate
-    against the budget), in few probes: each probe is a whole replay. A bracket grows from `start` (the reference
-    budget: the answer is usually near it) in doubling steps, then shrinks by the secant through the two latest
-    probes, with a bisection whenever a step is not half the one before the last (Brent's safeguard). The answer
-    meets the target and the index below it does not (a local minimum where the curve is not monotone); None if
-    even count-1 misses."""
+    against the budget), in few probes (``boundary_search``, each probe a call of `value`)."""
+    search = boundary_search(count, target, start)
+    try:
+        i = next(search)
+        while True:
+            i = search.send(value(i))
+    except StopIteration as done:
+        return done.value
+
+
+def boundary_search(count: int, target: float, start: int) -> Generator[int, float, int | None]:
+    """least_meeting as a generator: it yields the index it needs next, is sent that index's value, and returns
+    the answer (so a driver can advance many searches together and compute their probes in one parallel batch).
+    Each probe is a whole replay, so it takes few: a bracket grows from `start` (the reference budget: the answer
+    is usually near it) in doubling steps, then shrinks by the secant through the two latest probes, with a
+    bisection whenever a step is not half the one before the last (Brent's safeguard). The answer meets the
+    target and the index below it does not (a local minimum where the curve is not monotone); None if even
+    count-1 misses. No index is asked for twice."""
     values: dict[int, float] = {}
 
-    def probe(i: int) -> float:
+    def probe(i: int) -> Generator[int, float, float]:
         if i not in values:
-            values[i] = value(i)
+            values[i] = yield i
         return values[i]
 
-    miss, meet = (None, start) if probe(start) >= target else (start, None)  # below / at the boundary
+    miss, meet = (None, start) if (yield from probe(start)) >= target else (start, None)  # below / at the boundary
     step = max(1, count // 32)
     while meet is None:
         i = min(count - 1, miss + step)
-        if probe(i) >= target:
+        if (yield from probe(i)) >= target:
             meet = i
         elif i == count - 1:
             return None
@@ -204,7 +217,7 @@ def least_meeting(count: int, value: Callable[[int], float], target: float, star
             miss, step = i, 2 * step
     while miss is None:
         i = max(0, meet - step)
-        if probe(i) < target:
+        if (yield from probe(i)) < target:
             miss = i
         elif i == 0:
             return 0
@@ -220,7 +233,7 @@ def least_meeting(count: int, value: Callable[[int], float], target: float, star
             if len(moves) < 2 or 2 * abs(guess - i1) <= moves[-2]:
                 i = guess
         moves.append(abs(i - i1))
-        if probe(i) >= target:
+        if (yield from probe(i)) >= target:
             meet = i
         else:
             miss = i

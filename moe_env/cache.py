@@ -128,7 +128,7 @@ def _read_only(array: np.ndarray) -> np.ndarray:
 
 _COUNTER_FIELDS = tuple(f for f in Counters.__dataclass_fields__)  # the kernel's counter deltas, in this order
 # Policy.replay_kernel values ranked in the kernel
-BUILTIN_RANKINGS = ("lru", "fifo", "lfu", "lfu-decay", "belady", "random")
+BUILTIN_RANKINGS = ("lru", "fifo", "lfu", "lfu-decay", "belady", "random", "lfuda")
 BUILTIN_PREFETCHERS = ("lookahead", "oracle", "affinity")  # Policy.replay_prefetch values a replay takes from the trace
 
 
@@ -222,6 +222,7 @@ class ExpertCacheState:
         self._cursor = np.zeros(6, dtype=np.int64)
         self._cand = np.zeros(max(1, int(sizes.max())), dtype=np.int64)
         self._no_table, self._no_index = np.zeros((1, 1)), np.zeros(1, dtype=np.int64)
+        self._no_aging = (np.zeros((1, 1)), np.zeros(1), np.zeros((1, 1), dtype=np.int64), np.zeros((1, 2), np.int64))
         self._no_counts, self._scratch = np.zeros((1, 1, 1)), np.zeros((2, experts))
         self._no_rng = np.zeros(0)  # the kernel's generator argument when the ranking draws nothing
         self._started = False
@@ -324,21 +325,26 @@ class ExpertCacheState:
         combined = isinstance(policy, CombinedPolicy) and type(policy).observe is CombinedPolicy.observe
         evict = policy.evict if combined else policy
         self.ranking = builtin_ranking(evict)
-        self._rank, self._decay, self._decay_table = self._kernel_rank(self.ranking, evict)
+        self._rank, self._decay, self._table, self._aging = self._kernel_rank(self.ranking, evict)
         parts = (policy.evict, policy.prefetcher) if combined else (policy,)
-        # lfu-decay's observe is the kernel's (on the policy's own table); others are the plug-in's, when it has one
-        in_kernel = evict if self._decay_table is not None else None
+        # lfu-decay's and lfuda's observe are the kernel's (on the policy's own arrays); others are the plug-in's
+        in_kernel = evict if self._table is not self._no_table else None
         self._observers = [part for part in parts if _overrides(part, "observe") and part is not in_kernel]
         self._prefetches = _overrides(policy, "prefetch")
 
-    def _kernel_rank(self, ranking: str | None, evict: Policy) -> tuple[int, float, np.ndarray | None]:
+    def _kernel_rank(self, ranking: str | None, evict: Policy) -> tuple[int, float, np.ndarray, tuple]:
+        """(rank, decay, score table, lfuda's other arrays): placeholders where the ranking keeps no state."""
         from moe_env import cache_kernel as k
 
         self._rng = evict.generator if ranking == "random" else self._no_rng
         if ranking == "lfu-decay":
-            return k.RANK_DECAY, float(evict.decay), evict.score_table
+            return k.RANK_DECAY, float(evict.decay), evict.score_table, self._no_aging
+        if ranking == "lfuda":
+            key, *aging = evict.aging_state
+            return k.RANK_LFUDA, 1.0, key, tuple(aging)
         ranks = {"lru": k.RANK_LRU, "fifo": k.RANK_FIFO, "lfu": k.RANK_LFU, "random": k.RANK_RANDOM}
-        return ranks.get(ranking or "", k.RANK_PYTHON), 1.0, None  # belady: ranked in the kernel in replay only
+        # belady: ranked in the kernel in replay only
+        return ranks.get(ranking or "", k.RANK_PYTHON), 1.0, self._no_table, self._no_aging
 
     def _empty(self) -> None:
         self._ints[0] = -1
@@ -433,15 +439,10 @@ class ExpertCacheState:
     def begin_future(self, events: EventArrays, first: int, end: int) -> None:
         """Belady in the kernel: each key's next access is its first among events first..end-1 (the future of
         the stream starting here; moe_env.sim calls this when the cache starts empty or a warm stream begins)."""
-        from moe_env.cache_kernel import NEVER
+        from moe_env.cache_kernel import first_accesses
 
-        num_keys = self.spec.num_layers * self.spec.num_experts
-        self._next_access = np.full(num_keys, NEVER, dtype=np.int64)
-        lo, hi = int(events.acc_off[first]), int(events.acc_off[end])
-        keys = events.ev[np.repeat(np.arange(first, end), np.diff(events.acc_off[first : end + 1])), 0]
-        keys = keys * self.spec.num_experts + events.experts[lo:hi]
-        order = np.arange(lo, hi)[::-1]  # the last write of each key is its first access
-        self._next_access[keys[::-1]] = order
+        self._next_access = np.empty(self.spec.num_layers * self.spec.num_experts, dtype=np.int64)
+        first_accesses(events.ev, events.acc_off, events.experts, first, end, self.spec.num_experts, self._next_access)
 
     @property
     def routes_in_kernel(self) -> bool:
@@ -457,8 +458,7 @@ class ExpertCacheState:
                  python_prefetch, counts, affinity_k) -> int:  # fmt: skip
         return self._kernel(self._ints, self._flags, self._key_in, self._pools, self._layer_pool, self._scalars,
                             self._stamp, ev, acc_off, experts, req_off, req_key, acc_out, req_out, self._cursor,
-                            self._cand, victim, end, rank, self._decay,
-                            self._no_table if self._decay_table is None else self._decay_table, following, nxt,
+                            self._cand, victim, end, rank, self._decay, self._table, self._aging, following, nxt,
                             self.spec.num_experts, self.spec.expert_bytes, python_prefetch, counts, affinity_k,
                             self._scratch, self._rng)  # fmt: skip
 

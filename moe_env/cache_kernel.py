@@ -11,9 +11,10 @@ show policies), and stops where Python must act:
   call again with that event's requests in ``req_off``/``req_key``;
 - ``DONE``: ``cursor[0] == ev_to``.
 
-A built-in ranking (RANK_LRU, _FIFO, _LFU, _DECAY, _BELADY, _RANDOM) picks the victim inside the loop: the lowest
-(score, last use, key), the order ExpertCacheState documents. The semantics are those of moe_env.cache's module
-docstring; this is their only implementation.
+A built-in ranking (RANK_LRU, _FIFO, _LFU, _DECAY, _BELADY, _RANDOM, _LFUDA) picks the victim inside the loop: the
+lowest (score, last use, key), the order ExpertCacheState documents. lfu-decay and lfuda also run their
+plug-in's observe here, on the plug-in's own arrays (``table``; lfuda's ``aging``). The semantics are those of
+moe_env.cache's module docstring; this is their only implementation.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from numba.core import types
 from numba.extending import overload
 
 DONE, NEED_VICTIM, NEED_PREFETCH = 0, 1, 2
-RANK_PYTHON, RANK_LRU, RANK_FIFO, RANK_LFU, RANK_DECAY, RANK_BELADY, RANK_RANDOM = 0, 1, 2, 3, 4, 5, 6
+RANK_PYTHON, RANK_LRU, RANK_FIFO, RANK_LFU, RANK_DECAY, RANK_BELADY, RANK_RANDOM, RANK_LFUDA = 0, 1, 2, 3, 4, 5, 6, 7
 # event flags (ev[:, 2])
 PREFILL, BYPASS, FIRST, NEW_ROUTING = 1, 2, 4, 8
 # scalars: the clock, then the counter deltas in moe_env.cache.Counters' field order, then the event serial
@@ -73,10 +74,12 @@ def _candidates(pools, key_in, pool, pending, stamp, serial, allow_in_flight, or
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _ranked(rank, cand, n, ints, decay_table, nxt, rng):  # pragma: no cover - compiled
+def _ranked(rank, cand, n, ints, table, nxt, rng, age, awaiting, span, num_experts):  # pragma: no cover
     """The candidate with the lowest (score, last use, key) under a built-in ranking (state flat per key). Random
     draws one number per candidate in ascending key order from the policy's own generator, as its
-    eviction_scores does (numba's Generator advances the same bit generator state)."""
+    eviction_scores does (numba's Generator advances the same bit generator state). lfuda (policies.lfuda):
+    key ``table``, an unused prefetch scores the age; the victim's score becomes its layer's age, and the first
+    expert of that layer waiting for an eviction takes age + 1 as its key."""
     best, best_score, best_used = -1, 0.0, 0
     for j in range(n):
         key = cand[j]
@@ -87,9 +90,11 @@ def _ranked(rank, cand, n, ints, decay_table, nxt, rng):  # pragma: no cover - c
         elif rank == RANK_LFU:
             score = float(ints[2, key])
         elif rank == RANK_DECAY:
-            score = decay_table[key]
+            score = table[key]
         elif rank == RANK_RANDOM:
             score = _draw(rng)
+        elif rank == RANK_LFUDA:
+            score = age[key // num_experts] if ints[1, key] < ints[3, key] else table[key]
         else:
             score = -np.inf if nxt[key] >= NEVER else -float(nxt[key])
         used = ints[1, key]
@@ -99,7 +104,35 @@ def _ranked(rank, cand, n, ints, decay_table, nxt, rng):  # pragma: no cover - c
             or (score == best_score and (used < best_used or (used == best_used and key < best)))
         ):
             best, best_score, best_used = key, score, used
+    if rank == RANK_LFUDA:
+        layer = best // num_experts
+        age[layer] = best_score
+        if span[layer, 0] < span[layer, 1]:
+            table[layer * num_experts + awaiting[layer, span[layer, 0]]] = best_score + 1.0
+            span[layer, 0] += 1
     return best
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _lfuda_observe(layer, experts, lo, hi, ints, table, uses, age, awaiting, span, free,
+                   num_experts):  # pragma: no cover - compiled  # fmt: skip
+    """policies.lfuda's observe at an event's start: a resident's key is age + uses since loaded (a prefetched
+    expert's first use counts one); a miss into a free slot, age + 1; the other misses wait for their eviction."""
+    span[layer, 0] = 0
+    span[layer, 1] = 0
+    for i in range(lo, hi):
+        key = layer * num_experts + experts[i]
+        if ints[0, key] >= 0:
+            uses[key] = uses[key] + 1.0 if ints[1, key] >= ints[3, key] else 1.0
+            table[key] = age[layer] + uses[key]
+        else:
+            uses[key] = 1.0
+            if free > 0:
+                free -= 1
+                table[key] = age[layer] + 1.0
+            else:
+                awaiting[layer, span[layer, 1]] = experts[i]
+                span[layer, 1] += 1
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -214,7 +247,7 @@ def _affinity_requests(counts, layer, experts, lo, hi, k, num_experts, scratch, 
 
 @numba.njit(cache=True, error_model="numpy")
 def advance(ints, flags, key_in, pools, layer_pool, scalars, stamp, ev, acc_off, experts, req_off, req_key,
-            acc_out, req_out, cursor, cand, victim, ev_to, rank, decay, decay_table, following, nxt,
+            acc_out, req_out, cursor, cand, victim, ev_to, rank, decay, table, aging, following, nxt,
             num_experts, expert_bytes, python_prefetch, counts, affinity_k, scratch,
             rng):  # pragma: no cover - compiled  # fmt: skip
     """Route events cursor[0]..ev_to-1 (see the module docstring). State: ints [4, L, E] (slot, last use, use
@@ -227,7 +260,8 @@ def advance(ints, flags, key_in, pools, layer_pool, scalars, stamp, ev, acc_off,
     # flat per key (layer * E + expert): no division on the hot path
     ints = ints.reshape((4, -1))
     flags = flags.reshape((2, -1))
-    decay_table = decay_table.reshape(-1)
+    table = table.reshape(-1)  # the ranking's scores: lfu-decay's, or lfuda's keys
+    uses, age, awaiting, span = aging[0].reshape(-1), aging[1], aging[2], aging[3]
     slot_of, last_use, use_count, loaded_at = ints[0], ints[1], ints[2], ints[3]
     pending, unused = flags[0], flags[1]
     ordered = rank == RANK_PYTHON or rank == RANK_RANDOM  # in the order a Python scorer is handed them: ascending
@@ -246,8 +280,12 @@ def advance(ints, flags, key_in, pools, layer_pool, scalars, stamp, ev, acc_off,
                 base = layer * num_experts
                 for i in range(lo, hi):
                     for x in range(base, base + num_experts):
-                        decay_table[x] *= decay
-                    decay_table[base + experts[i]] += 1.0
+                        table[x] *= decay
+                    table[base + experts[i]] += 1.0
+            elif rank == RANK_LFUDA:  # lfuda's observe; its pools are per layer (it does not rank across layers)
+                pool = layer_pool[layer]
+                free = min(pools[pool, 1], num_experts) - pools[pool, 2]
+                _lfuda_observe(layer, experts, lo, hi, ints, table, uses, age, awaiting, span, free, num_experts)
             if affinity_k > 0 and not flag & PREFILL:  # affinity's observe: co-activation with the layer before
                 previous = scalars[AFFINITY_PREVIOUS]
                 if previous >= 0 and ev[previous, 1] == ev[e, 1] and ev[previous, 0] == layer - 1:
@@ -297,7 +335,7 @@ def advance(ints, flags, key_in, pools, layer_pool, scalars, stamp, ev, acc_off,
                             if rank == RANK_PYTHON:
                                 cursor[1], cursor[4], cursor[5] = i, n, 1
                                 return NEED_VICTIM
-                            evicted = _ranked(rank, cand, n, ints, decay_table, nxt, rng)
+                            evicted = _ranked(rank, cand, n, ints, table, nxt, rng, age, awaiting, span, num_experts)
                         slot = _evict(evicted, ints, flags, key_in, pools, layer_pool, scalars, num_experts)
                     slot_of[key] = slot
                     key_in[pools[pool, 0] + slot] = key
@@ -358,7 +396,7 @@ def advance(ints, flags, key_in, pools, layer_pool, scalars, stamp, ev, acc_off,
                     if rank == RANK_PYTHON:
                         cursor[1], cursor[4] = r, n
                         return NEED_VICTIM
-                    evicted = _ranked(rank, cand, n, ints, decay_table, nxt, rng)
+                    evicted = _ranked(rank, cand, n, ints, table, nxt, rng, age, awaiting, span, num_experts)
                 slot = _evict(evicted, ints, flags, key_in, pools, layer_pool, scalars, num_experts)
             slot_of[key] = slot
             key_in[pools[pool, 0] + slot] = key
@@ -373,6 +411,35 @@ def advance(ints, flags, key_in, pools, layer_pool, scalars, stamp, ev, acc_off,
             r += 1
         cursor[0], cursor[3] = e + 1, 0
     return DONE
+
+
+@numba.njit(cache=True, error_model="numpy")
+def next_accesses(ev, acc_off, experts, group_start, num_experts, out):  # pragma: no cover - compiled
+    """Belady's future: per access the index of the next access of the same key within its group of events
+    (groups: events group_start[g]..group_start[g + 1] - 1), NEVER if none; one backward pass."""
+    num_keys = 1
+    for e in range(ev.shape[0]):
+        num_keys = max(num_keys, (ev[e, 0] + 1) * num_experts)
+    seen = np.full(num_keys, -1, dtype=np.int64)  # the group in which each key's `after` was written
+    after = np.empty(num_keys, dtype=np.int64)
+    for g in range(len(group_start) - 1):
+        for e in range(group_start[g + 1] - 1, group_start[g] - 1, -1):
+            base = ev[e, 0] * num_experts
+            for i in range(acc_off[e + 1] - 1, acc_off[e] - 1, -1):
+                key = base + experts[i]
+                out[i] = after[key] if seen[key] == g else NEVER
+                seen[key] = g
+                after[key] = i
+
+
+@numba.njit(cache=True, error_model="numpy")
+def first_accesses(ev, acc_off, experts, first, end, num_experts, out):  # pragma: no cover - compiled
+    """Per key (out, flat [L * E]) the index of its first access among events first..end-1, NEVER if none."""
+    out[:] = NEVER
+    for e in range(end - 1, first - 1, -1):
+        base = ev[e, 0] * num_experts
+        for i in range(acc_off[e + 1] - 1, acc_off[e] - 1, -1):
+            out[base + experts[i]] = i
 
 
 @numba.njit(cache=True, error_model="numpy")

@@ -13,43 +13,43 @@ _SATURATE = 1 << 40  # absurdly long ids stop growing (the importer refuses anyt
 
 
 @numba.njit(cache=True)
-def int_lists(data, offsets):  # pragma: no cover - compiled
-    """(values int64 [rows * k], k, first bad row or -1) of the rows data[offsets[r]:offsets[r + 1]]; k is the
-    count of the first row; a row that breaks the grammar or holds another count is the bad row."""
-    rows = len(offsets) - 1
-    k = 1
-    for pos in range(offsets[0], offsets[1]):
-        if data[pos] == 44:  # ','
-            k += 1
-    values = np.empty(rows * k, dtype=np.int64)
+def int_lists(data, offsets, values):  # pragma: no cover - compiled
+    """Parse the rows data[offsets[r]:offsets[r + 1]] into `values` (int16 [rows, k], k from the caller: the first
+    row's count). Returns (first bad row or -1, first row holding an id above int16's range or -1, that id); a
+    row that breaks the grammar or holds another count than k is the bad row, and ids stop at the first bad one."""
+    rows, k = values.shape
+    limit = np.iinfo(np.int16).max
+    big_row, big = -1, 0
     for row in range(rows):
         pos, end = offsets[row], offsets[row + 1]
         if end - pos < 3 or data[pos] != 91:  # '['
-            return values, k, row
+            return row, big_row, big
         pos += 1
         count = 0
         closed = False
         while not closed:
             if pos >= end or data[pos] < 48 or data[pos] > 57:
-                return values, k, row  # a number must start here
+                return row, big_row, big  # a number must start here
             value = 0
             while pos < end and 48 <= data[pos] <= 57:
-                value = min(value * 10 + (data[pos] - 48), _SATURATE)
+                value = min(value * 10 + (np.int64(data[pos]) - 48), _SATURATE)
                 pos += 1
             if count == k or pos >= end:
-                return values, k, row
-            values[row * k + count] = value
+                return row, big_row, big
+            if value > limit and big_row < 0:
+                big_row, big = row, value
+            values[row, count] = value
             count += 1
             if data[pos] == 93:  # ']'
                 closed = True
             elif data[pos] != 44:  # ','
-                return values, k, row
+                return row, big_row, big
             pos += 1
             if not closed and pos < end and data[pos] == 32:  # one optional space after a comma
                 pos += 1
         if pos != end or count != k:
-            return values, k, row
-    return values, k, -1
+            return row, big_row, big
+    return -1, big_row, big
 
 
 @numba.njit(cache=True)

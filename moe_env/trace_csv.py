@@ -103,25 +103,22 @@ def import_csv_routing(path: str | os.PathLike, model_name: str | None = None, n
             advance(sum(sizes[file] for file in batch))
     rows = _Rows(files, tables, counts)
     for column in COLUMNS:
-        nulls = rows.column(column).is_null().to_numpy(zero_copy_only=False)
-        if nulls.any():
+        if rows.table.column(column).null_count:  # counted per chunk: no copy of the column
+            nulls = rows.column(column).is_null().to_numpy(zero_copy_only=False)
             raise TraceFormatError(f"{rows.where(int(np.flatnonzero(nulls)[0]))}: empty {column!r}")
     batch = rows.column(COLUMNS[1]).to_numpy()
     if (batch != 0).any():
         row = int(np.flatnonzero(batch != 0)[0])
         raise TraceFormatError(f"{rows.where(row)}: batch number {batch[row]}; only batch 0 (one sequence) is read")
-    experts = parse_int_lists(rows.column(COLUMNS[3]), rows.where)
-    if experts.max() > np.iinfo(np.int16).max:
-        row = int(np.flatnonzero((experts > np.iinfo(np.int16).max).any(axis=1))[0])
-        raise TraceFormatError(f"{rows.where(row)}: expert id {experts[row].max()} does not fit the trace format")
-    experts = experts.astype(np.int16)  # smaller arrays for the checks and the reshapes below
+    experts = parse_int_lists(rows.table.column(COLUMNS[3]), rows.where)  # int16: small for the checks below
     _refuse_repeats(experts, rows.where)
-    tokens = pc.dictionary_encode(rows.column(COLUMNS[2]))
-    vocab_unsorted = tokens.dictionary.to_pylist()
+    # encoded chunk by chunk (one dictionary for all: no copy of the strings), the indices joined
+    tokens = pc.dictionary_encode(rows.table.column(COLUMNS[2])).unify_dictionaries()
+    vocab_unsorted = tokens.chunk(0).dictionary.to_pylist()
     order = np.argsort(np.array(vocab_unsorted, dtype=object), kind="stable")  # ids follow the sorted strings
     rank = np.empty(len(order), dtype=np.int32)
     rank[order] = np.arange(len(order), dtype=np.int32)
-    token_ids = rank[tokens.indices.to_numpy()]
+    token_ids = rank[np.concatenate([chunk.indices.to_numpy() for chunk in tokens.chunks])]
     layers = rows.column(COLUMNS[0]).to_numpy()
     grouped = _grouped_sequences(files, rows.bounds, layers, experts, token_ids)
     sequences, layer_ids = grouped if grouped is not None else ([], None)
@@ -288,31 +285,46 @@ def _refuse_repeats(experts: np.ndarray, where) -> None:
         raise TraceFormatError(f"{where(row)}: experts {experts[row].tolist()} repeat an expert")
 
 
-def parse_int_lists(strings: pa.Array, where) -> np.ndarray:
-    """Strings like ``"[8, 26, 56]"`` (one list a row, the same length in every row) -> int64 array [rows, k].
+def parse_int_lists(strings: pa.Array | pa.ChunkedArray, where) -> np.ndarray:
+    """Strings like ``"[8, 26, 56]"`` (one list a row, the same length in every row) -> int16 array [rows, k].
 
-    The rows' bytes are contiguous in the Arrow buffer, so the column is checked and parsed in one compiled pass
-    over them (moe_env.parse_jit.int_lists: the grammar ``[D, D, ..., D]``, D digits, a comma and at most one
-    space between them, and the first row's count in every row). A malformed row names ``where(row)``."""
+    Each chunk's bytes are contiguous in its Arrow buffer, so the column is checked and parsed in one compiled
+    pass over them, chunk by chunk (no copy of the column; moe_env.parse_jit.int_lists: the grammar ``[D, D,
+    ..., D]``, D digits, a comma and at most one space between them, and the first row's count in every row). A
+    malformed row names ``where(row)``; so does the first row with an id that does not fit the trace format."""
     from moe_env.parse_jit import int_lists  # numba: imported on the first CSV import only
 
-    rows = len(strings)
-    if strings.type not in (pa.string(), pa.large_string()):
-        strings = strings.cast(pa.large_string())
-    if strings.null_count:
-        _malformed(strings, int(np.flatnonzero(strings.is_null().to_numpy(zero_copy_only=False))[0]), where)
-    _, offsets_buf, data_buf = strings.buffers()
-    width = np.int64 if strings.type == pa.large_string() else np.int32
-    offsets = np.frombuffer(offsets_buf, dtype=width)[strings.offset : strings.offset + rows + 1]
-    data = np.frombuffer(data_buf, dtype=np.uint8) if data_buf is not None else np.zeros(0, dtype=np.uint8)
-    values, k, bad = int_lists(data, offsets)
-    if bad >= 0:
-        _malformed(strings, int(bad), where)
-    return values.reshape(rows, int(k))
+    chunks = strings.chunks if isinstance(strings, pa.ChunkedArray) else [strings]
+    chunks = [c if c.type in (pa.string(), pa.large_string()) else c.cast(pa.large_string()) for c in chunks]
+    chunks = [c for c in chunks if len(c)]
+    if not chunks:
+        return np.zeros((0, 1), dtype=np.int16)
+    k = chunks[0][0].as_py().count(",") + 1 if chunks[0][0].is_valid else 1
+    values = np.empty((sum(len(c) for c in chunks), k), dtype=np.int16)
+    base, too_big = 0, None
+    for chunk in chunks:
+        rows = len(chunk)
+        if chunk.null_count:
+            null = int(np.flatnonzero(chunk.is_null().to_numpy(zero_copy_only=False))[0])
+            _malformed(chunk, null, where, base, chunks[0])
+        _, offsets_buf, data_buf = chunk.buffers()
+        width = np.int64 if chunk.type == pa.large_string() else np.int32
+        offsets = np.frombuffer(offsets_buf, dtype=width)[chunk.offset : chunk.offset + rows + 1]
+        data = np.frombuffer(data_buf, dtype=np.uint8) if data_buf is not None else np.zeros(0, dtype=np.uint8)
+        bad, big_row, _ = int_lists(data, offsets, values[base : base + rows])
+        if bad >= 0:
+            _malformed(chunk, int(bad), where, base, chunks[0])
+        if big_row >= 0 and too_big is None:
+            too_big = base + int(big_row), max(int(v) for v in re.findall(r"\d+", chunk[int(big_row)].as_py()))
+        base += rows
+    if too_big is not None:
+        raise TraceFormatError(f"{where(too_big[0])}: expert id {too_big[1]} does not fit the trace format")
+    return values
 
 
-def _malformed(strings: pa.Array, row: int, where) -> None:
+def _malformed(strings: pa.Array, row: int, where, base: int, example: pa.Array) -> None:
+    """`row` of `strings` (row base + row of the whole column) is not a list of integers like example[0]."""
     raise TraceFormatError(
-        f"{where(row)}: expert ids {strings[row].as_py()!r} are not a list of non-negative integers like "
-        f"{strings[0].as_py()!r}"
+        f"{where(base + row)}: expert ids {strings[row].as_py()!r} are not a list of non-negative integers like "
+        f"{example[0].as_py()!r}"
     )

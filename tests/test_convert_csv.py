@@ -263,11 +263,30 @@ def test_expert_lists_parse_as_the_grammar_says(rows, spaced, damage) -> None:
         at %= len(texts[row]) + 1
         texts[row] = texts[row][:at] + "".join(pieces) + texts[row][at + 1 :]
     expected = _reference_int_lists(texts)
-    if isinstance(expected, np.ndarray):
+    if isinstance(expected, np.ndarray) and expected.max() > np.iinfo(np.int16).max:  # digits run together
+        big = int(np.flatnonzero((expected > np.iinfo(np.int16).max).any(axis=1))[0])
+        with pytest.raises(TraceFormatError, match=rf"^row {big}: expert id {expected[big].max()} does not fit"):
+            parse_int_lists(pa.array(texts), lambda r: f"row {r}")
+    elif isinstance(expected, np.ndarray):
         assert np.array_equal(parse_int_lists(pa.array(texts), lambda r: f"row {r}"), expected)
     else:
         with pytest.raises(TraceFormatError, match=rf"^row {expected}: expert ids"):
             parse_int_lists(pa.array(texts), lambda r: f"row {r}")
+
+
+def test_expert_lists_parse_across_chunks() -> None:
+    """A chunked column (one chunk per batch of files) parses chunk by chunk; rows are named in the whole column."""
+    import pyarrow as pa
+
+    from moe_env.errors import TraceFormatError
+    from moe_env.trace_csv import parse_int_lists
+
+    column = pa.chunked_array([pa.array(["[1, 2]", "[3, 4]"]), pa.array([], pa.string()), pa.array(["[5,6]"])])
+    assert parse_int_lists(column, str).tolist() == [[1, 2], [3, 4], [5, 6]]
+    with pytest.raises(TraceFormatError, match=r"^2: expert ids '\[5 6\]' are not a list .* like '\[1, 2\]'$"):
+        parse_int_lists(pa.chunked_array([pa.array(["[1, 2]", "[3, 4]"]), pa.array(["[5 6]"])]), str)
+    with pytest.raises(TraceFormatError, match=r"^1: expert id 40000 does not fit the trace format$"):
+        parse_int_lists(pa.chunked_array([pa.array(["[1, 2]"]), pa.array(["[3, 40000]", "[5, 6]"])]), str)
 
 
 def _per_file(monkeypatch, path: Path, name: str | None = None):

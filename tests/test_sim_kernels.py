@@ -15,7 +15,9 @@ from moe_env.sim_kernels import lru_kernel
 from moe_env.trace import SequenceTrace, TraceMeta
 
 COST = CostModel(HardwareProfile("test", 1.0, 0.0, 10.0, 0.5), ExpertProfile("test", 1_000_000_000, 2, 4, 1))
-EVICTION = ["lru", "lfu", "fifo", "belady", "lfu-decay:decay=0.8", "lrfu:lam=0.3", "random:seed=3"]  # all in the kernel
+# every built-in ranking, all in the kernel
+EVICTION = ["lru", "lfu", "fifo", "belady", "lfu-decay:decay=0.8", "lrfu:lam=0.3", "random:seed=3", "lfuda"]
+PER_LAYER_ONLY = {"lfuda"}  # does not rank across layers: no shared pool
 PREFETCH = [None, "lookahead", "oracle", "affinity", "affinity:prior=0.0"]  # prior 0: NaN scores (0 / 0)
 
 
@@ -105,6 +107,8 @@ def test_kernel_replay_decides_as_route_per_event(seed, experts, top_k, extra, p
     else:
         allocation = Allocation.uniform(layers, experts, min(top_k + extra, experts))
     for evict in [*EVICTION, PythonLRU]:
+        if kind == "shared" and evict in PER_LAYER_ONLY:
+            continue
         for prefetch in PREFETCH:
             label = (evict if isinstance(evict, str) else evict.name, prefetch)
 
@@ -130,7 +134,13 @@ def test_python_hooks_route_per_event():
         def prefetch(self, event, cache):
             return [((event.layer + 1) % 2, (event.experts[0] + 1) % 4)]
 
-    for spec in [("lru", NextExpert()), ("lfuda", None)]:
+    class CountingLRU(Policy):  # an observe of the plug-in's own: routed per event
+        name = "counting-lru"
+
+        def observe(self, event, cache):
+            self.seen = getattr(self, "seen", 0) + 1
+
+    for spec in [("lru", NextExpert()), (CountingLRU(), None)]:
         replayer = Replayer(meta, build_policy(*spec), 2, COST)
         assert not replayer.cache.routes_in_kernel, spec
         with pytest.raises(ValueError, match="route each event"):

@@ -10,12 +10,13 @@ from __future__ import annotations
 import argparse
 import json
 import re
+from collections.abc import Generator
 from dataclasses import dataclass
 from pathlib import Path
 
 from moe_env.allocation import BUDGET_SYNTAX, BUDGET_SYNTAX_HELP, parse_budget
 from moe_env.bench_rows import bench_row
-from moe_env.budget_bench import BudgetBench, IsoBytes, check_ranks_across_layers, print_rows
+from moe_env.budget_bench import BudgetBench, IsoBytes, boundary_search, check_ranks_across_layers, print_rows
 from moe_env.budget_bench import print_iso as print_iso_bytes
 from moe_env.cache import PREFILL_MODES
 from moe_env.errors import UsageError
@@ -125,10 +126,6 @@ class Bench:
         """Compute these (policy, prefetch, slots) in one parallel batch (a no-op for known ones)."""
         self.sweep.compute(Cell(*key) for key in keys)
 
-    def lookahead_width(self, policy: str, prefetch: str) -> int:
-        """How many slot counts a search computes at once: a cell cut into shards already fills the workers."""
-        return 1 if self.sweep.shardable(Cell(policy, prefetch, 0)) else self.sweep.runner.parallelism
-
     def row(self, policy: str, prefetch: str, slots: int) -> Row:
         result = self.result(policy, prefetch, slots)
         lru, belady = (self.result(p, "none", slots).hit_rate for p in BASELINES)
@@ -136,41 +133,45 @@ class Bench:
         return Row(self.label, policy, prefetch, slots, result, gap, self.cost.expert_bytes)
 
     def iso_hit_rate(self, policy: str, prefetch: str, reference: int) -> IsoHitRate:
-        """Search down from `reference` while the target is still met, or up until it is (hit rate is
-        near-monotone in slots; FIFO-like anomalies can only make this a slight overestimate).
+        return self.iso_hit_rates([(policy, prefetch)], reference)[0]
+
+    def iso_hit_rates(self, combos: list[tuple[str, str]], reference: int) -> list[IsoHitRate]:
+        """For each (policy, prefetch) the fewest slots that reach LRU's hit rate at `reference`: a
+        moe_env.budget_bench.boundary_search over top_k..num_experts slots from the reference (hit rate is
+        near-monotone in slots; where FIFO-like anomalies bend it, a local boundary). The searches advance
+        together, each round's probes computed in one batch (in parallel on a Ray runner); every probe is a
+        replay, memoised with the table's cells.
 
         With a prefetcher, "hit" includes accesses whose prefetched copy may still be landing, so the target is
         LRU's stall per token instead (for demand-only policies the two coincide: every miss costs one copy)."""
         meta = self.trace.meta
         lru = self.result("lru", "none", reference)
+        slots = range(meta.top_k, meta.num_experts + 1)
 
-        def meets(slots: int) -> bool:
-            result = self.result(policy, prefetch, slots)
-            if prefetch == "none":
-                return result.hit_rate >= lru.hit_rate
-            return result.stall_s_per_token <= lru.stall_s_per_token
+        def value(prefetch: str, result: SimResult) -> float:
+            return result.hit_rate if prefetch == "none" else -result.stall_s_per_token
 
-        width = self.lookahead_width(policy, prefetch)
-
-        def batch(candidates: range) -> None:  # serial: width 1, exactly the cells the search asks for
-            self.compute([(policy, prefetch, s) for s in candidates[:width]])
-
-        needed: int | None = reference
-        if meets(reference):
-            while needed > meta.top_k:
-                batch(range(needed - 1, meta.top_k - 1, -1))
-                if not meets(needed - 1):
-                    break
-                needed -= 1
-        else:
-            needed = None
-            for s in range(reference + 1, meta.num_experts + 1):
-                batch(range(s, meta.num_experts + 1))
-                if meets(s):
-                    needed = s
-                    break
-        saved = None if needed is None else (reference - needed) * meta.num_layers * self.cost.expert_bytes
-        return IsoHitRate(self.label, policy, prefetch, reference, lru.hit_rate, needed, saved)
+        searches: dict[tuple[str, str], Generator[int, float, int | None]] = {}
+        asked: dict[tuple[str, str], int] = {}  # each running search's next index
+        found: dict[tuple[str, str], int | None] = {}
+        for combo in dict.fromkeys(combos):
+            target = value(combo[1], lru)
+            searches[combo] = boundary_search(len(slots), target, reference - meta.top_k)
+            asked[combo] = next(searches[combo])
+        while asked:
+            self.compute([(policy, prefetch, slots[i]) for (policy, prefetch), i in asked.items()])
+            for combo, i in list(asked.items()):
+                try:
+                    asked[combo] = searches[combo].send(value(combo[1], self.result(*combo, slots[i])))
+                except StopIteration as done:
+                    found[combo] = None if done.value is None else slots[done.value]
+                    del asked[combo]
+        rows = []
+        for policy, prefetch in combos:
+            needed = found[(policy, prefetch)]
+            saved = None if needed is None else (reference - needed) * meta.num_layers * self.cost.expert_bytes
+            rows.append(IsoHitRate(self.label, policy, prefetch, reference, lru.hit_rate, needed, saved))
+        return rows
 
 
 def given_specs(values: list[str] | None, option: str, default: list[str]) -> list[str]:
@@ -226,7 +227,7 @@ def run(args: argparse.Namespace) -> int:
             benches.append(bench)
             bench.compute([(p, f, s) for s in slots for p, f in [*((b, "none") for b in BASELINES), *combos]])
             rows += [bench.row(p, f, s) for s in slots for p, f in combos]
-            iso += [bench.iso_hit_rate(p, f, reference) for p, f in combos]
+            iso += bench.iso_hit_rates(combos, reference)
     finally:
         runner.close()
     if args.json:

@@ -11,9 +11,9 @@ show policies), and stops where Python must act:
   call again with that event's requests in ``req_off``/``req_key``;
 - ``DONE``: ``cursor[0] == ev_to``.
 
-A built-in ranking (RANK_LRU, _FIFO, _LFU, _DECAY, _BELADY, _RANDOM) picks the victim inside the loop: the lowest
-(score, last use, key), the order ExpertCacheState documents. The semantics are those of moe_env.cache's module
-docstring; this is their only implementation.
+A built-in ranking (RANK_LRU, _FIFO, _LFU, _DECAY, _BELADY, _RANDOM, _SCORES) picks the victim inside the loop:
+the lowest (score, last use, key), the order ExpertCacheState documents. The semantics are those of moe_env.cache's
+module docstring; this is their only implementation.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from numba.extending import overload
 
 DONE, NEED_VICTIM, NEED_PREFETCH = 0, 1, 2
 RANK_PYTHON, RANK_LRU, RANK_FIFO, RANK_LFU, RANK_DECAY, RANK_BELADY, RANK_RANDOM = 0, 1, 2, 3, 4, 5, 6
+RANK_SCORES = 8  # the scores in `decay_table` as given (no observe): the env's action, moe_env.lane_env
 # event flags (ev[:, 2])
 PREFILL, BYPASS, FIRST, NEW_ROUTING = 1, 2, 4, 8
 # scalars: the clock, then the counter deltas in moe_env.cache.Counters' field order, then the event serial
@@ -86,7 +87,7 @@ def _ranked(rank, cand, n, ints, decay_table, nxt, rng):  # pragma: no cover - c
             score = float(ints[3, key])
         elif rank == RANK_LFU:
             score = float(ints[2, key])
-        elif rank == RANK_DECAY:
+        elif rank in (RANK_DECAY, RANK_SCORES):
             score = decay_table[key]
         elif rank == RANK_RANDOM:
             score = _draw(rng)

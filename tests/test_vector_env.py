@@ -60,7 +60,8 @@ def test_make_vec_uses_the_vector_entry_point(trace):
     try:
         assert isinstance(vector.unwrapped, ReplayVectorEnv)
         obs, _ = vector.reset(seed=0)
-        assert obs.shape == (2, MoEOffloadEnv.observation_size(vector.unwrapped._local.envs[0].model_spec))
+        assert vector.unwrapped.path == "arrays"
+        assert obs.shape == (2, MoEOffloadEnv.observation_size(vector.unwrapped._local.spec))
     finally:
         vector.close()
 

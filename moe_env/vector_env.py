@@ -25,7 +25,7 @@ from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
 from moe_env.env import MoEOffloadEnv
-from moe_env.errors import UsageError
+from moe_env.errors import InvalidArgument, UsageError
 from moe_env.lane_env import ReplayLanes, supported
 
 _SCALARS = (int, float, bool)
@@ -215,7 +215,9 @@ class ReplayVectorEnv(VectorEnv):
         return self._arrays["obs"].copy(), infos
 
     def step(self, actions):
-        self._arrays["actions"][:] = np.asarray(actions, dtype=np.float32).reshape(self._arrays["actions"].shape)
+        if np.shape(actions) != self.action_space.shape:
+            raise InvalidArgument(f"actions must have shape {self.action_space.shape}, got {np.shape(actions)}")
+        self._arrays["actions"][:] = actions
         infos = self._run("step")
         a = self._arrays
         flags = a["terminated"].copy(), a["truncated"].copy()

@@ -29,6 +29,7 @@ from moe_env.errors import InvalidArgument, UsageError
 from moe_env.lane_env import ReplayLanes, supported
 
 _SCALARS = (int, float, bool)
+PATHS = ("auto", "arrays", "envs")
 
 
 class _Lanes:
@@ -106,8 +107,8 @@ def merge_infos(parts: list[dict[str, Any]], sizes: list[int]) -> dict[str, Any]
     return merged
 
 
-def _group(env_kwargs: dict[str, Any], count: int) -> ReplayLanes | _Lanes:
-    return ReplayLanes(env_kwargs, count) if supported(env_kwargs) else _Lanes(env_kwargs, count)
+def _group(env_kwargs: dict[str, Any], count: int, path: str) -> ReplayLanes | _Lanes:
+    return ReplayLanes(env_kwargs, count) if path == "arrays" else _Lanes(env_kwargs, count)
 
 
 def _shared(shape: tuple[int, ...], dtype: type) -> tuple[Any, tuple[int, ...], Any]:
@@ -120,10 +121,10 @@ def _view(buffer: tuple[Any, tuple[int, ...], Any]) -> np.ndarray:
     return np.frombuffer(raw, dtype=dtype, count=int(np.prod(shape))).reshape(shape)
 
 
-def _worker(conn: Connection, env_kwargs: dict[str, Any], lanes: slice, buffers: dict[str, Any]) -> None:
+def _worker(conn: Connection, env_kwargs: dict[str, Any], lanes: slice, buffers: dict[str, Any], path: str) -> None:
     arrays = {name: _view(buffer)[lanes] for name, buffer in buffers.items()}
     try:
-        group = _group(env_kwargs, lanes.stop - lanes.start)
+        group = _group(env_kwargs, lanes.stop - lanes.start, path)
         conn.send(("ok", None))
         while True:
             command, payload = conn.recv()
@@ -146,11 +147,17 @@ class ReplayVectorEnv(VectorEnv):
 
     metadata = {"autoreset_mode": AutoresetMode.NEXT_STEP}  # noqa: RUF012 (gymnasium's convention)
 
-    def __init__(self, num_envs: int = 8, workers: int = 1, **env_kwargs: Any):
+    def __init__(self, num_envs: int = 8, workers: int = 1, path: str = "auto", **env_kwargs: Any):
+        """``path``: "arrays", "envs" (one single env per lane: the reference, and what the bench compares), or
+        "auto" (arrays where ``lane_env.supported``)."""
         if num_envs < 1 or not 1 <= workers <= num_envs:
             raise UsageError(f"need num_envs >= 1 and 1 <= workers <= num_envs, got {num_envs} and {workers}")
         if env_kwargs.pop("backend", "replay") != "replay":
             raise UsageError("only the replay backend is vectorised; for live envs use vectorization_mode='sync'")
+        if path not in PATHS:
+            raise UsageError(f"unknown vector env path {path!r}; choose one of {', '.join(PATHS)}")
+        if path == "arrays" and not supported(env_kwargs):
+            raise UsageError("warm lanes and fallbacks other than lru need path='envs' (or 'auto')")
         template = MoEOffloadEnv(**env_kwargs)
         env_kwargs["trace"] = template.trace  # loaded once, shipped to the workers as arrays
         self.num_envs = num_envs
@@ -170,17 +177,18 @@ class ReplayVectorEnv(VectorEnv):
         self._arrays = {name: _view(buffer) for name, buffer in self._buffers.items()}
         bounds = np.linspace(0, num_envs, workers + 1).round().astype(int)
         self._slices = [slice(int(a), int(b)) for a, b in itertools.pairwise(bounds)]
-        self.path = "arrays" if supported(env_kwargs) else "envs"
+        self.path = "arrays" if path == "arrays" or (path == "auto" and supported(env_kwargs)) else "envs"
         self._local: ReplayLanes | _Lanes | None = None
         self._pipes: list[Connection] = []
         self._processes: list[Any] = []
         if workers == 1:
-            self._local = _group(env_kwargs, num_envs)
+            self._local = _group(env_kwargs, num_envs, self.path)
         else:
             context = mp.get_context("forkserver")
             for lanes in self._slices:
                 parent, child = context.Pipe()
-                process = context.Process(target=_worker, args=(child, env_kwargs, lanes, self._buffers), daemon=True)
+                args = (child, env_kwargs, lanes, self._buffers, self.path)
+                process = context.Process(target=_worker, args=args, daemon=True)
                 process.start()
                 child.close()
                 self._pipes.append(parent)

@@ -84,10 +84,11 @@ def test_lanes_equal_a_sync_vector_env_for_every_option(trace, option):
         reference.close()
 
 
-@pytest.mark.parametrize("warm", [False, True])
-def test_over_two_workers_too(trace, warm):
-    kwargs = dict(capacity=3, reward="stall_vs_lru", warm=warm)
-    vector = ReplayVectorEnv(num_envs=3, workers=2, trace=trace, **kwargs)
+@pytest.mark.parametrize("path", ["arrays", "envs"])
+def test_over_two_workers_too(trace, path):
+    kwargs = dict(capacity=3, reward="stall_vs_lru")
+    vector = ReplayVectorEnv(num_envs=3, workers=2, path=path, trace=trace, **kwargs)
+    assert vector.path == path
     reference = _sync(trace, 3, **kwargs)
     try:
         assert _run_both(vector, reference, steps=40, seed=11) >= 3
@@ -173,3 +174,7 @@ def test_bad_vector_arguments_are_refused(trace):
         ReplayVectorEnv(num_envs=2, workers=3, trace=trace)
     with pytest.raises(UsageError, match="replay backend"):
         ReplayVectorEnv(num_envs=2, backend="live", trace=trace)
+    with pytest.raises(UsageError, match="path"):
+        ReplayVectorEnv(num_envs=2, path="fast", trace=trace)
+    with pytest.raises(UsageError, match="path='envs'"):
+        ReplayVectorEnv(num_envs=2, path="arrays", warm=True, trace=trace)

@@ -83,8 +83,8 @@ class LaneFeatures:
     def observe(self, lanes: np.ndarray, layers: np.ndarray, steps: np.ndarray, experts: np.ndarray,
                 lookahead: np.ndarray, has_lookahead: np.ndarray, gate: np.ndarray, slot_of: np.ndarray,
                 pending: np.ndarray) -> np.ndarray:  # fmt: skip
-        """ObservationBuilder.observation for one decode event per lane; slot_of / pending: the lanes' cache
-        arrays [lanes, L, E] (slot or -1, in flight)."""
+        """ObservationBuilder.observation for one decode event per lane; slot_of / pending: every lane's cache
+        arrays [all lanes, L, E] (slot or -1, in flight), read at the rows of `lanes`."""
         spec = self.spec
         num_layers, e = spec.num_layers, spec.num_experts
         count = len(lanes)
@@ -97,8 +97,8 @@ class LaneFeatures:
         obs[:, e : 2 * e] = gate
         obs[rows[:, None], 2 * e + experts] = 1.0
         obs[:, 3 * e : 4 * e] = self.prev_experts[lanes, targets]
-        obs[:, 4 * e : 5 * e] = slot_of[rows, targets] >= 0
-        in_flight = pending[rows, targets]
+        obs[:, 4 * e : 5 * e] = slot_of[lanes, targets] >= 0
+        in_flight = pending[lanes, targets]
         obs[:, 5 * e : 6 * e] = in_flight
         since = tokens[:, None] - self.last_token[lanes, targets]
         obs[:, 6 * e : 7 * e] = 1.0 / (1.0 + np.maximum(since, 0))
@@ -111,9 +111,9 @@ class LaneFeatures:
         obs[:, base] = has_lookahead
         obs[:, base + 1] = wraps
         obs[:, base + 2] = self.capacity / e
-        copies = in_flight.sum(axis=1) + np.where(layers != targets, pending[rows, layers].sum(axis=1), 0)
+        copies = in_flight.sum(axis=1) + np.where(layers != targets, pending[lanes, layers].sum(axis=1), 0)
         obs[:, base + 3] = np.minimum(copies / self.capacity, 1.0)
-        misses = (slot_of[rows[:, None], layers[:, None], experts] < 0).sum(axis=1)
+        misses = (slot_of[lanes[:, None], layers[:, None], experts] < 0).sum(axis=1)
         obs[:, base + 4] = misses / max(spec.top_k, 1)
         return obs
 
@@ -333,8 +333,8 @@ class ReplayLanes:
                 self._lookahead.data[now],
                 self._has_lookahead.data[now],
                 self._gate.data[now],
-                self.ints[going, 0],
-                self.flags[going, 0],
+                self.ints[:, 0],
+                self.flags[:, 0],
             )
 
     def _infos(self, ended: np.ndarray) -> dict[str, np.ndarray]:

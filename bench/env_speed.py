@@ -73,6 +73,8 @@ def main() -> None:
 
         for kind in ("ppo", "flat-predictor"):
             learned = make_policy(kind)
+            if not hasattr(learned, "act"):  # the shipped ppo is the eviction scorer: it acts on candidates, not here
+                continue
             learned.reset(env.model_spec, env.capacity)
             actors[f"{kind} (shipped)"] = lambda obs, e, p=learned: p.act(obs, e.current_event, e.cache)
     print(f"trace {spec}: {trace.meta.model}, {len(trace.sequences)} sequences, capacity {env.capacity}")

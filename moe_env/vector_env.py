@@ -219,6 +219,8 @@ class ReplayVectorEnv(VectorEnv):
             seeds = [None if seed is None else seed + i for i in range(self.num_envs)]
         else:
             seeds = list(seed)
+            if len(seeds) != self.num_envs:
+                raise UsageError(f"reset got {len(seeds)} seeds for {self.num_envs} lanes: give one per lane or an int")
         infos = self._run("reset", (seeds, options))
         return self._arrays["obs"].copy(), infos
 

@@ -155,6 +155,8 @@ def test_bad_actions_are_refused_with_a_clear_error(trace):
         vector.step(bad)
     with pytest.raises(InvalidArgument, match="shape"):
         vector.step(np.zeros((2, 5), dtype=np.float32))
+    with pytest.raises(UsageError, match="one per lane"):
+        vector.reset(seed=[1, 2, 3])
     vector.close()
 
 

@@ -180,3 +180,26 @@ def test_bad_vector_arguments_are_refused(trace):
         ReplayVectorEnv(num_envs=2, path="fast", trace=trace)
     with pytest.raises(UsageError, match="path='envs'"):
         ReplayVectorEnv(num_envs=2, path="arrays", warm=True, trace=trace)
+
+
+def test_gymnasium_vector_wrappers_see_the_same_episodes(trace):
+    """gymnasium's own vector wrapper (episode statistics over NEXT_STEP autoresets) on both: identical episodes."""
+    from gymnasium.wrappers.vector import RecordEpisodeStatistics
+
+    vector = RecordEpisodeStatistics(ReplayVectorEnv(num_envs=2, trace=trace, capacity=3))
+    reference = RecordEpisodeStatistics(_sync(trace, 2, capacity=3))
+    seen = []
+    try:
+        for env in (vector, reference):
+            env.reset(seed=2)
+            episodes = []
+            for _ in range(45):
+                *_, info = env.step(np.full(env.action_space.shape, 0.5, dtype=np.float32))
+                if "episode" in info:
+                    mask = info["_episode"]
+                    episodes.append((info["episode"]["r"][mask].tolist(), info["episode"]["l"][mask].tolist()))
+            seen.append(episodes)
+    finally:
+        vector.close()
+        reference.close()
+    assert len(seen[0]) >= 2 and seen[0] == seen[1]

@@ -41,7 +41,8 @@ def supported(env_kwargs: dict[str, Any]) -> bool:
 
 class LaneFeatures:
     """ObservationBuilder's state and observation for many lanes at once (the same layout and floats: its
-    docstring has the layout; tests/test_lane_env.py checks them bit for bit). Decode events only."""
+    docstring has the layout; tests/test_vector_env.py checks them bit for bit against single envs). Decode events
+    only."""
 
     def __init__(self, spec: ModelSpec, capacity: int, count: int):
         layers, experts = spec.num_layers, spec.num_experts

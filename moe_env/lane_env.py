@@ -166,18 +166,18 @@ class ReplayLanes:
         self.capacity = template.capacity
         self.count = count
         cache = template.replayer.cache
-        self._layer_pool = cache._layer_pool
+        ints, flags, key_in, pools, self._layer_pool, _, stamp, _, cand, _ = cache.kernel_arrays()
         self._shadow = template.reward_kind == "stall_vs_lru"
         layers, experts = spec.num_layers, spec.num_experts
-        self.ints = np.zeros((count, *cache._ints.shape), dtype=np.int64)
-        self.flags = np.zeros((count, *cache._flags.shape), dtype=np.bool_)
-        self.key_in = np.zeros((count, *cache._key_in.shape), dtype=np.int64)
-        self.pools = np.zeros((count, *cache._pools.shape), dtype=np.int64)
+        self.ints = np.zeros((count, *ints.shape), dtype=np.int64)
+        self.flags = np.zeros((count, *flags.shape), dtype=np.bool_)
+        self.key_in = np.zeros((count, *key_in.shape), dtype=np.int64)
+        self.pools = np.zeros((count, *pools.shape), dtype=np.int64)
         self.scalars = np.zeros((count, cache_kernel.NUM_SCALARS), dtype=np.int64)
-        self.stamp = np.zeros((count, *cache._stamp.shape), dtype=np.int64)
+        self.stamp = np.zeros((count, *stamp.shape), dtype=np.int64)
         self._cache_state = (self.ints, self.flags, self.key_in, self.pools, self.scalars, self.stamp)
         self.cursor = np.zeros((count, 6), dtype=np.int64)
-        self.cand = np.zeros((count, *cache._cand.shape), dtype=np.int64)
+        self.cand = np.zeros((count, *cand.shape), dtype=np.int64)
         self.scores = np.zeros((count, layers, experts), dtype=np.float64)
         self.has_scores = np.zeros((count, layers), dtype=np.bool_)
         self.clock = np.zeros((count, 2), dtype=np.float64)
@@ -240,7 +240,7 @@ class ReplayLanes:
             tokens=int(info["tokens"]),
             first_obs=first_obs,
             cache=tuple(a.copy() for a in _cache_arrays(cache)),
-            clock=(replayer._now, replayer._link_free),
+            clock=(replayer._now, replayer._link_free),  # the Replayer's time line after the prefill
             ready=np.array(replayer._ready, dtype=np.float64),
             builder=_copy_builder(template.builder),
         )
@@ -358,9 +358,10 @@ class ReplayLanes:
 
 
 def _cache_arrays(cache: ExpertCacheState) -> tuple[np.ndarray, ...]:
-    """The state ExpertCacheState hands moe_env.cache_kernel.advance (its own arrays, read here to snapshot a
-    sequence's prefill and to size the lanes' copies)."""
-    return cache._ints, cache._flags, cache._key_in, cache._pools, cache._scalars, cache._stamp
+    """The per-lane part of the state ExpertCacheState hands cache_kernel.advance (ints, flags, key_in, pools,
+    scalars, stamp: what a sequence's prefill leaves; the layer -> pool map is shared, the rest is scratch)."""
+    ints, flags, key_in, pools, _, scalars, stamp, *_ = cache.kernel_arrays()
+    return ints, flags, key_in, pools, scalars, stamp
 
 
 def _copy_builder(builder: ObservationBuilder) -> ObservationBuilder:

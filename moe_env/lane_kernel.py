@@ -7,6 +7,10 @@ prefetch requests ``ActionPolicy.prefetch`` makes, ranked by the target layer's 
 line advances (``moe_env.sim.Replayer.process`` for one decode event: demand loads then prefetches FIFO on one
 link, each expert computed once its copy has landed). The cache's rules stay those of cache_kernel; this loop only
 feeds it the lanes' events and the action's scores.
+
+numba's on-disk cache is keyed by this file alone: the machine code it keeps embeds cache_kernel.advance as it was
+compiled, so after changing cache_kernel.py delete ``moe_env/__pycache__/lane_kernel.*`` (or touch this file); a
+fresh checkout compiles afresh (about 4 CPU s, once).
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from moe_env.agents.imitation import CandidateFeaturePolicy, CheckpointScorerEvi
 from moe_env.agents.scorer_kernel import score_rows
 
 from moe_env.cache import EventArrays, ExpertCacheState
-from moe_env.cache_kernel import CLOCK, DONE, PREFILL, RANK_PYTHON, SERIAL, advance
+from moe_env.cache_kernel import CLOCK, DONE, PREFILL, RANK_PYTHON, SERIAL, advance, no_aging
 from moe_env.policy import Policy, validate_scores
 from moe_env.routing import route_events
 from moe_env.trace import SequenceTrace
@@ -74,7 +74,7 @@ def route_scored(ints, flags, key_in, pools, layer_pool, scalars, stamp, cursor,
     rows = np.empty((num_experts, NUM_COLUMNS))
     scores = np.empty(num_experts)
     no_table, no_index, no_rng = np.zeros((1, 1)), np.zeros(1, dtype=np.int64), np.zeros(0)
-    no_counts = np.zeros((1, 1, 1))
+    no_counts, aging = np.zeros((1, 1, 1)), no_aging()
     last_use = ints[1].reshape(-1)
     loaded_at = ints[3]
     clock0 = scalars[CLOCK] - acc_off[first]  # an event starts at clock0 + acc_off[event]: one tick per access
@@ -84,8 +84,9 @@ def route_scored(ints, flags, key_in, pools, layer_pool, scalars, stamp, cursor,
     victim = -1
     while True:
         status = advance(ints, flags, key_in, pools, layer_pool, scalars, stamp, ev, acc_off, experts, req_off,
-                         req_key, acc_out, req_out, cursor, cand, victim, end, RANK_PYTHON, 1.0, no_table, no_index,
-                         no_index, num_experts, expert_bytes, False, no_counts, 0, scratch, no_rng)  # fmt: skip
+                         req_key, acc_out, req_out, cursor, cand, victim, end, RANK_PYTHON, 1.0, no_table,
+                         aging, no_index, no_index, num_experts, expert_bytes, False, no_counts, 0, scratch,
+                         no_rng)  # fmt: skip
         victim = -1
         if status == DONE:
             break

@@ -11,10 +11,11 @@ show policies), and stops where Python must act:
   call again with that event's requests in ``req_off``/``req_key``;
 - ``DONE``: ``cursor[0] == ev_to``.
 
-A built-in ranking (RANK_LRU, _FIFO, _LFU, _DECAY, _BELADY, _RANDOM, _LFUDA) picks the victim inside the loop: the
-lowest (score, last use, key), the order ExpertCacheState documents. lfu-decay and lfuda also run their
-plug-in's observe here, on the plug-in's own arrays (``table``; lfuda's ``aging``). The semantics are those of
-moe_env.cache's module docstring; this is their only implementation.
+A built-in ranking (RANK_LRU, _FIFO, _LFU, _DECAY, _BELADY, _RANDOM, _LFUDA, _SCORES) picks the victim inside the
+loop: the lowest (score, last use, key), the order ExpertCacheState documents. lfu-decay and lfuda also run their
+plug-in's observe here, on the plug-in's own arrays (``table``; lfuda's ``aging``); RANK_SCORES ranks by ``table``
+as given (no observe). The semantics are those of moe_env.cache's module docstring; this is their only
+implementation.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from numba.extending import overload
 
 DONE, NEED_VICTIM, NEED_PREFETCH = 0, 1, 2
 RANK_PYTHON, RANK_LRU, RANK_FIFO, RANK_LFU, RANK_DECAY, RANK_BELADY, RANK_RANDOM, RANK_LFUDA = 0, 1, 2, 3, 4, 5, 6, 7
+RANK_SCORES = 8  # the scores in `table` as given (no observe): the env's action, moe_env.lane_env
 # event flags (ev[:, 2])
 PREFILL, BYPASS, FIRST, NEW_ROUTING = 1, 2, 4, 8
 # scalars: the clock, then the counter deltas in moe_env.cache.Counters' field order, then the event serial
@@ -89,7 +91,7 @@ def _ranked(rank, cand, n, ints, table, nxt, rng, age, awaiting, span, num_exper
             score = float(ints[3, key])
         elif rank == RANK_LFU:
             score = float(ints[2, key])
-        elif rank == RANK_DECAY:
+        elif rank in (RANK_DECAY, RANK_SCORES):
             score = table[key]
         elif rank == RANK_RANDOM:
             score = _draw(rng)
@@ -243,6 +245,13 @@ def _affinity_requests(counts, layer, experts, lo, hi, k, num_experts, scratch, 
                 best = x
         taken[best] = 1.0
         out[first + j] = (layer + 1) * num_experts + best
+
+
+@numba.njit(cache=True)
+def no_aging():  # pragma: no cover - compiled
+    """advance's ``aging`` argument for a ranking other than lfuda (for compiled drivers; ExpertCacheState keeps
+    its own)."""
+    return np.zeros((1, 1)), np.zeros(1), np.zeros((1, 1), dtype=np.int64), np.zeros((1, 2), dtype=np.int64)
 
 
 @numba.njit(cache=True, error_model="numpy")

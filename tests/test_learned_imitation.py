@@ -493,3 +493,31 @@ def test_a_checkpoint_trained_before_the_history_columns_does_not_compute_them(t
     lean_result, full_result = replay(trace, lean, 4), replay(trace, full, 4)
     assert not lean.features._history and not lean.features._repeats and full.features._history
     assert lean_result.hits == full_result.hits and lean_result.hit_rate == full_result.hit_rate
+
+
+def test_beta_schedule_decays_the_oracle_share_of_dagger_rounds(trace, checkpoint):
+    """beta_schedule: round r's learner states mix Belady's choices with share beta_r (the last entry for later
+    rounds); beta 1 replays Belady's states, beta 0 the learner's own; a share outside [0, 1] is refused."""
+    from moe_env.agents.imitation import RoundResult, ScorerEviction, dagger, load_checkpoint, load_scorer_net, replay
+
+    from moe_env.errors import UsageError
+
+    config = ImitationConfig.from_dict({"beta": 0.3, "beta_schedule": [0.5, 0.25, 0.0]})
+    assert [config.beta_of(r) for r in (1, 2, 3, 4)] == [0.5, 0.25, 0.0, 0.0]
+    assert ImitationConfig(beta=0.3).beta_of(2) == 0.3
+    for bad in ([], [0.5, 1.5]):
+        with pytest.raises(UsageError, match="beta_schedule"):
+            ImitationConfig.from_dict({"beta_schedule": bad})
+    scorer = NumpyScorer(load_scorer_net(load_checkpoint(checkpoint, "imitation"), "test"))
+    learner = replay(trace, ScorerEviction(scorer, None), 3).hit_rate
+    oracle = simulate(trace, "belady", 3).hit_rate
+    assert learner < oracle
+    for beta, expected in ((1.0, oracle), (0.0, learner)):
+        collector = DecisionCollector("learner", scorer, beta=beta, keep=0.0)
+        assert replay(trace, collector, 3).hit_rate == pytest.approx(expected, abs=1e-12)
+    lines: list[str] = []
+    run = replace(config, rounds=3, capacities=[3], max_decisions_per_round=300, hidden=8, epochs=1)
+    dagger([(trace, None)], [], run, lambda net, r: RoundResult(r, "", 0, 0, math.nan), log=lines.append)
+    rounds = [line.split(":")[0] for line in lines if "new decisions" in line]
+    assert rounds == ["round 0 (lru states)", "round 1 (learner states, oracle share 0.5)",
+                      "round 2 (learner states, oracle share 0.25)"]  # fmt: skip

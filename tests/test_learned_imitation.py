@@ -521,3 +521,17 @@ def test_beta_schedule_decays_the_oracle_share_of_dagger_rounds(trace, checkpoin
     rounds = [line.split(":")[0] for line in lines if "new decisions" in line]
     assert rounds == ["round 0 (lru states)", "round 1 (learner states, oracle share 0.5)",
                       "round 2 (learner states, oracle share 0.25)"]  # fmt: skip
+
+
+def test_variants_fit_on_a_slice_of_the_pool(trace):
+    """bench/imitation_variants.py "slice": one round's decisions of a run's pool, rows and offsets as in the pool."""
+    slicer = load_script("bench/imitation_variants.py").decisions_slice
+    pool, _ = collect(trace, [3, 4], "lru", None, 0.0, 400, None, seed=0)
+    part = slicer(pool, 2, 5)
+    assert part.size == 3 and part.offsets[0] == 0
+    np.testing.assert_array_equal(part.rows, pool.rows[pool.offsets[2] : pool.offsets[5]])
+    np.testing.assert_array_equal(part.target, pool.target[pool.offsets[2] : pool.offsets[5]])
+    tail = slicer(pool, pool.size - 4, None)
+    assert tail.size == 4 and tail.offsets[-1] == len(tail.rows)
+    with pytest.raises(ValueError, match="selects no decisions"):
+        slicer(pool, pool.size, None)

@@ -84,6 +84,9 @@ class ImitationConfig:
     max_decisions_per_round: int = 60_000  # decisions are subsampled to this many per round
     capacities: list[int] | None = None  # None: a quarter, half and three quarters of the experts (>= top-k + 1)
     max_sequences: int | None = None  # None: every training sequence
+    # each round draws its own max_sequences (more prompts seen); False: every round replays round 0's draw, so a
+    # DAgger round differs from round 0 in the behaviour only (a fresh draw can be dominated by one long prompt)
+    resample_sequences: bool = True
     use_tables: bool = True  # warm-start the online statistics from the training split's tables
     # per training sequence, each signal it has (tokens, gate weights/logits, lookahead) is hidden with this
     # probability, "missing" indicators set: one checkpoint then scores traces with and without them
@@ -431,7 +434,7 @@ def dagger(
         parts = []
         agreements = []
         for i, (trace, tables) in enumerate(traces):
-            trace = subsample(trace, config.max_sequences, config.seed + 31 * round_index + i)
+            trace = round_sequences(trace, config, round_index, i)
             kinds = config.decisions
             budget = config.max_decisions_per_round // (len(traces) * len(kinds))
             seed = config.seed + 7919 * round_index + i
@@ -474,6 +477,12 @@ def without_columns(pool: Decisions, names: list[str]) -> Decisions:
     rows = pool.rows.copy()
     rows[:, [FEATURES.index(name) for name in names]] = 0.0
     return Decisions(rows, pool.target, pool.offsets, pool.distance)
+
+
+def round_sequences(trace: Trace, config: ImitationConfig, round_index: int, trace_index: int) -> Trace:
+    """The training sequences of `trace` (the `trace_index`-th) that round `round_index` replays."""
+    drawn = round_index if config.resample_sequences else 0
+    return subsample(trace, config.max_sequences, config.seed + 31 * drawn + trace_index)
 
 
 def subsample(trace: Trace, max_sequences: int | None, seed: int) -> Trace:

@@ -535,3 +535,16 @@ def test_variants_fit_on_a_slice_of_the_pool(trace):
     assert tail.size == 4 and tail.offsets[-1] == len(tail.rows)
     with pytest.raises(ValueError, match="selects no decisions"):
         slicer(pool, pool.size, None)
+
+
+def test_rounds_replay_round_zeros_sequences_unless_resampled(trace):
+    """resample_sequences False: every DAgger round replays round 0's draw of the training sequences."""
+    from moe_env.agents.imitation import round_sequences
+
+    wide = Trace(trace.meta, trace.sequences * 4)
+    same = ImitationConfig(max_sequences=5, resample_sequences=False)
+    fresh = ImitationConfig(max_sequences=5)
+    drawn = {r: [id(s) for s in round_sequences(wide, same, r, 0).sequences] for r in (0, 1, 2)}
+    assert drawn[0] == drawn[1] == drawn[2] and len(drawn[0]) == 5
+    assert [id(s) for s in round_sequences(wide, fresh, 0, 0).sequences] == drawn[0]
+    assert any([id(s) for s in round_sequences(wide, fresh, r, 0).sequences] != drawn[0] for r in (1, 2))

@@ -217,6 +217,17 @@ def test_train_script_runs_resumes_and_refuses_bad_input(trace, tmp_path, capsys
     assert (run / "round-1.pt").is_file()
     summary = json.loads((run / "summary.json").read_text())
     assert [r["round"] for r in summary["rounds"]] == [0, 1] and summary["rounds"][1]["behaviour"] == "learner"
+    # best.pt stays the best round's across a resume; --config with --resume extends the run with its settings
+    extended = tmp_path / "more.json"
+    extended.write_text(json.dumps({"rounds": 3, "epochs": 1, "hidden": 8, "max_decisions_per_round": 500,
+                                    "beta_schedule": [1.0, 0.0]}))  # fmt: skip
+    assert script.main(["--run-dir", str(run), "--resume", "--config", str(extended), *common[:4]]) == 0
+    assert json.loads((run / "config.json").read_text())["beta_schedule"] == [1.0, 0.0]
+    summary = json.loads((run / "summary.json").read_text())
+    assert [r["round"] for r in summary["rounds"]] == [0, 1, 2]
+    best = max(summary["rounds"], key=lambda r: r["mean_gap"])["round"]
+    assert summary["best_round"] == best, [r["mean_gap"] for r in summary["rounds"]]
+    assert (run / "best.pt").read_bytes() == (run / f"round-{best}.pt").read_bytes()
     assert simulate(trace, f"imitation:{run / 'best.pt'},tables={run / 'tables-0.npz'}", 3).hit_rate > 0
     capsys.readouterr()
     assert script.main(["--config", str(tmp_path / "missing.json"), *common[:4], "--run-dir", str(tmp_path / "x")]) == 2

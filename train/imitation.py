@@ -117,6 +117,8 @@ def _main(argv: list[str] | None) -> int:
         history: list[dict] = []
         if args.resume:
             start, net, history = load_round(run_dir)
+            scored = [h for h in history if not math.isnan(h["mean_gap"])]
+            best = max(scored, key=lambda h: h["mean_gap"])["round"] if scored else None  # best.pt's round
         pool = load_pool(run_dir) if start else None
         writer = SummaryWriter(str(run_dir / "tb"))
         logfile = (run_dir / "log.txt").open("a")

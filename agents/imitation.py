@@ -75,12 +75,18 @@ class ImitationConfig:
     horizon_tokens: float = 64.0  # next-use distances are capped at this many tokens
     regret_weight: bool = False  # weight each decision by what a wrong choice costs (set_scorer.regret_weights)
     beta: float = 0.3  # share of a DAgger round's decisions taken by the oracle
+    # the oracle's share per DAgger round (round 1, 2, ...; the last entry for later rounds), Parrot's decaying
+    # mix of the oracle's and the learner's states, e.g. [0.5, 0.25, 0.0]; None: `beta` every round
+    beta_schedule: list[float] | None = None
     epochs: int = 8
     lr: float = 3e-3
     batch_size: int = 512
     max_decisions_per_round: int = 60_000  # decisions are subsampled to this many per round
     capacities: list[int] | None = None  # None: a quarter, half and three quarters of the experts (>= top-k + 1)
     max_sequences: int | None = None  # None: every training sequence
+    # each round draws its own max_sequences (more prompts seen); False: every round replays round 0's draw, so a
+    # DAgger round differs from round 0 in the behaviour only (a fresh draw can be dominated by one long prompt)
+    resample_sequences: bool = True
     use_tables: bool = True  # warm-start the online statistics from the training split's tables
     # per training sequence, each signal it has (tokens, gate weights/logits, lookahead) is hidden with this
     # probability, "missing" indicators set: one checkpoint then scores traces with and without them
@@ -112,6 +118,16 @@ class ImitationConfig:
     def __post_init__(self) -> None:  # every way of building a config (file, dict, code) checks it
         if self.allocation not in ALLOCATIONS:
             raise UsageError(f"imitation config: allocation {self.allocation!r}, expected one of {ALLOCATIONS}")
+        if self.beta_schedule is not None and (not self.beta_schedule or
+                                               any(not 0.0 <= b <= 1.0 for b in self.beta_schedule)):  # fmt: skip
+            raise UsageError(f"imitation config: beta_schedule {self.beta_schedule}: give oracle shares in [0, 1], "
+                             "one per DAgger round")  # fmt: skip
+
+    def beta_of(self, round_index: int) -> float:
+        """The oracle's share of DAgger round `round_index` (>= 1): its beta_schedule entry, else `beta`."""
+        if not self.beta_schedule:
+            return self.beta
+        return self.beta_schedule[min(round_index, len(self.beta_schedule)) - 1]
 
     @property
     def decisions(self) -> list[str]:
@@ -425,10 +441,11 @@ def dagger(
     for round_index in range(start_round, config.rounds):
         behaviour = config.first_behaviour if round_index == 0 or net is None else "learner"
         scorer = NumpyScorer(net) if behaviour == "learner" else None
+        beta = config.beta_of(round_index) if behaviour == "learner" else 0.0
         parts = []
         agreements = []
         for i, (trace, tables) in enumerate(traces):
-            trace = subsample(trace, config.max_sequences, config.seed + 31 * round_index + i)
+            trace = round_sequences(trace, config, round_index, i)
             kinds = config.decisions
             budget = config.max_decisions_per_round // (len(traces) * len(kinds))
             seed = config.seed + 7919 * round_index + i
@@ -436,13 +453,14 @@ def dagger(
             for kind in kinds:
                 shared = kind == SHARED
                 capacities = shared_budgets_for(trace, config) if shared else capacities_for(trace, config)
-                part, agree = collect(trace, capacities, behaviour, scorer, config.beta, budget, used, seed,
+                part, agree = collect(trace, capacities, behaviour, scorer, beta, budget, used, seed,
                                       config.signal_dropout, config.no_tables_share, shared)  # fmt: skip
                 parts.append(part)
                 agreements.append(agree)
         fresh = Decisions.concat(parts)
         pool = Decisions.concat([pool, fresh])
-        log(f"round {round_index} ({behaviour} states): {fresh.size} new decisions, pool {pool.size}")
+        mix = f", oracle share {beta:g}" if behaviour == "learner" else ""
+        log(f"round {round_index} ({behaviour} states{mix}): {fresh.size} new decisions, pool {pool.size}")
 
         def progress(epoch: int, loss: float, r=round_index) -> None:
             log(f"round {r} epoch {epoch + 1}/{config.epochs}: listwise loss {loss:.4f}")
@@ -470,6 +488,12 @@ def without_columns(pool: Decisions, names: list[str]) -> Decisions:
     rows = pool.rows.copy()
     rows[:, [FEATURES.index(name) for name in names]] = 0.0
     return Decisions(rows, pool.target, pool.offsets, pool.distance)
+
+
+def round_sequences(trace: Trace, config: ImitationConfig, round_index: int, trace_index: int) -> Trace:
+    """The training sequences of `trace` (the `trace_index`-th) that round `round_index` replays."""
+    drawn = round_index if config.resample_sequences else 0
+    return subsample(trace, config.max_sequences, config.seed + 31 * drawn + trace_index)
 
 
 def subsample(trace: Trace, max_sequences: int | None, seed: int) -> Trace:

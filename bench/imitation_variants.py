@@ -5,7 +5,9 @@ Belady's labels, signal dropout and table-free share as the shipped config; with
 trace's shape) into --pool (reused when it exists), then fits one scorer per variant on that same pool and prints
 each one's gap captured ((hit - LRU) / (Belady - LRU)) on the validation trace, one JSON line per variant. A variant
 is a JSON object of fit settings (hidden, epochs, lr, batch, soft_weight, temperature, horizon_tokens,
-regret_weight) and "drop": feature columns zeroed in training (constant, so the scorer ignores them);
+regret_weight), "drop": feature columns zeroed in training (constant, so the scorer ignores them) and "slice":
+[start, stop] the decisions of the pool it fits on (a train/imitation.py run's pool.npz holds its rounds in order:
+one round's decisions alone, or round 0 and a DAgger round);
 ``"learner": "lgbm"`` fits a LightGBM lambdarank ranker instead (query = one eviction decision, graded relevance
 from the candidate's next-use distance; settings trees, leaves, rate, min_rows): a stronger learner on the same rows,
 as a ceiling test of the features (needs the `ceiling` extra: `pip install -e ".[ceiling]"`).
@@ -40,7 +42,7 @@ from moe_env.trace import load_trace
 
 FIT_DEFAULTS = {"hidden": 32, "epochs": 8, "lr": 3e-3, "batch": 512, "soft_weight": 3.0, "temperature": 1.0,
                 "horizon_tokens": 64.0, "regret_weight": False, "drop": [], "learner": "mlp", "trees": 300,
-                "leaves": 63, "rate": 0.05, "min_rows": 100}  # fmt: skip
+                "leaves": 63, "rate": 0.05, "min_rows": 100, "slice": [0, None]}  # fmt: skip
 RELEVANCE_LEVELS = 8  # lambdarank grades: log next-use distance (capped at the horizon) in this many steps
 
 
@@ -84,6 +86,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def decisions_slice(pool: Decisions, start: int, stop: int | None) -> Decisions:
+    """Decisions start..stop (Python slice bounds) of `pool`, offsets renumbered from 0."""
+    chosen = range(pool.size)[slice(start, stop)]
+    if chosen.step != 1 or not len(chosen):
+        raise ValueError(f"slice [{start}, {stop}] selects no decisions of a pool of {pool.size}")
+    lo, hi = int(pool.offsets[chosen.start]), int(pool.offsets[chosen.stop])
+    distance = None if pool.distance is None else pool.distance[lo:hi]
+    return Decisions(pool.rows[lo:hi], pool.target[lo:hi], pool.offsets[chosen.start : chosen.stop + 1] - lo, distance)
+
+
 def pool_of(args: argparse.Namespace) -> Decisions:
     path = Path(args.pool)
     if not path.is_file():
@@ -119,11 +131,12 @@ def main(argv: list[str] | None = None) -> int:
         if settings["learner"] == "lgbm" and importlib.util.find_spec("lightgbm") is None:
             print('error: the lgbm learner needs LightGBM: pip install -e ".[ceiling]"', file=sys.stderr)
             return 2
-        rows = pool.rows.copy()
+        part = decisions_slice(pool, *settings["slice"])
+        rows = part.rows.copy()
         for name in settings["drop"]:
             rows[:, FEATURES.index(name)] = 0.0
         started = time.perf_counter()
-        data = Decisions(rows, pool.target, pool.offsets, pool.distance)
+        data = Decisions(rows, part.target, part.offsets, part.distance)
         horizon = settings["horizon_tokens"] * meta.num_layers * meta.top_k
         if settings["learner"] == "lgbm":
             scorer = fit_booster(data, settings, horizon, args.seed)

@@ -217,6 +217,17 @@ def test_train_script_runs_resumes_and_refuses_bad_input(trace, tmp_path, capsys
     assert (run / "round-1.pt").is_file()
     summary = json.loads((run / "summary.json").read_text())
     assert [r["round"] for r in summary["rounds"]] == [0, 1] and summary["rounds"][1]["behaviour"] == "learner"
+    # best.pt stays the best round's across a resume; --config with --resume extends the run with its settings
+    extended = tmp_path / "more.json"
+    extended.write_text(json.dumps({"rounds": 3, "epochs": 1, "hidden": 8, "max_decisions_per_round": 500,
+                                    "beta_schedule": [1.0, 0.0]}))  # fmt: skip
+    assert script.main(["--run-dir", str(run), "--resume", "--config", str(extended), *common[:4]]) == 0
+    assert json.loads((run / "config.json").read_text())["beta_schedule"] == [1.0, 0.0]
+    summary = json.loads((run / "summary.json").read_text())
+    assert [r["round"] for r in summary["rounds"]] == [0, 1, 2]
+    best = max(summary["rounds"], key=lambda r: r["mean_gap"])["round"]
+    assert summary["best_round"] == best, [r["mean_gap"] for r in summary["rounds"]]
+    assert (run / "best.pt").read_bytes() == (run / f"round-{best}.pt").read_bytes()
     assert simulate(trace, f"imitation:{run / 'best.pt'},tables={run / 'tables-0.npz'}", 3).hit_rate > 0
     capsys.readouterr()
     assert script.main(["--config", str(tmp_path / "missing.json"), *common[:4], "--run-dir", str(tmp_path / "x")]) == 2
@@ -493,3 +504,58 @@ def test_a_checkpoint_trained_before_the_history_columns_does_not_compute_them(t
     lean_result, full_result = replay(trace, lean, 4), replay(trace, full, 4)
     assert not lean.features._history and not lean.features._repeats and full.features._history
     assert lean_result.hits == full_result.hits and lean_result.hit_rate == full_result.hit_rate
+
+
+def test_beta_schedule_decays_the_oracle_share_of_dagger_rounds(trace, checkpoint):
+    """beta_schedule: round r's learner states mix Belady's choices with share beta_r (the last entry for later
+    rounds); beta 1 replays Belady's states, beta 0 the learner's own; a share outside [0, 1] is refused."""
+    from moe_env.agents.imitation import RoundResult, ScorerEviction, dagger, load_checkpoint, load_scorer_net, replay
+
+    from moe_env.errors import UsageError
+
+    config = ImitationConfig.from_dict({"beta": 0.3, "beta_schedule": [0.5, 0.25, 0.0]})
+    assert [config.beta_of(r) for r in (1, 2, 3, 4)] == [0.5, 0.25, 0.0, 0.0]
+    assert ImitationConfig(beta=0.3).beta_of(2) == 0.3
+    for bad in ([], [0.5, 1.5]):
+        with pytest.raises(UsageError, match="beta_schedule"):
+            ImitationConfig.from_dict({"beta_schedule": bad})
+    scorer = NumpyScorer(load_scorer_net(load_checkpoint(checkpoint, "imitation"), "test"))
+    learner = replay(trace, ScorerEviction(scorer, None), 3).hit_rate
+    oracle = simulate(trace, "belady", 3).hit_rate
+    assert learner < oracle
+    for beta, expected in ((1.0, oracle), (0.0, learner)):
+        collector = DecisionCollector("learner", scorer, beta=beta, keep=0.0)
+        assert replay(trace, collector, 3).hit_rate == pytest.approx(expected, abs=1e-12)
+    lines: list[str] = []
+    run = replace(config, rounds=3, capacities=[3], max_decisions_per_round=300, hidden=8, epochs=1)
+    dagger([(trace, None)], [], run, lambda net, r: RoundResult(r, "", 0, 0, math.nan), log=lines.append)
+    rounds = [line.split(":")[0] for line in lines if "new decisions" in line]
+    assert rounds == ["round 0 (lru states)", "round 1 (learner states, oracle share 0.5)",
+                      "round 2 (learner states, oracle share 0.25)"]  # fmt: skip
+
+
+def test_variants_fit_on_a_slice_of_the_pool(trace):
+    """bench/imitation_variants.py "slice": one round's decisions of a run's pool, rows and offsets as in the pool."""
+    slicer = load_script("bench/imitation_variants.py").decisions_slice
+    pool, _ = collect(trace, [3, 4], "lru", None, 0.0, 400, None, seed=0)
+    part = slicer(pool, 2, 5)
+    assert part.size == 3 and part.offsets[0] == 0
+    np.testing.assert_array_equal(part.rows, pool.rows[pool.offsets[2] : pool.offsets[5]])
+    np.testing.assert_array_equal(part.target, pool.target[pool.offsets[2] : pool.offsets[5]])
+    tail = slicer(pool, pool.size - 4, None)
+    assert tail.size == 4 and tail.offsets[-1] == len(tail.rows)
+    with pytest.raises(ValueError, match="selects no decisions"):
+        slicer(pool, pool.size, None)
+
+
+def test_rounds_replay_round_zeros_sequences_unless_resampled(trace):
+    """resample_sequences False: every DAgger round replays round 0's draw of the training sequences."""
+    from moe_env.agents.imitation import round_sequences
+
+    wide = Trace(trace.meta, trace.sequences * 4)
+    same = ImitationConfig(max_sequences=5, resample_sequences=False)
+    fresh = ImitationConfig(max_sequences=5)
+    drawn = {r: [id(s) for s in round_sequences(wide, same, r, 0).sequences] for r in (0, 1, 2)}
+    assert drawn[0] == drawn[1] == drawn[2] and len(drawn[0]) == 5
+    assert [id(s) for s in round_sequences(wide, fresh, 0, 0).sequences] == drawn[0]
+    assert any([id(s) for s in round_sequences(wide, fresh, r, 0).sequences] != drawn[0] for r in (1, 2))

@@ -49,7 +49,9 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "imitation.json"
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="imitation config JSON (ImitationConfig fields)")
+    p.add_argument("--config", default=None,
+                   help="imitation config JSON (ImitationConfig fields; default train/configs/imitation.json); with "
+                        "--resume it replaces the run's own (more rounds, a beta schedule)")  # fmt: skip
     p.add_argument("--traces", action="append", default=None, help="training traces (spec[#i,j]); repeatable")
     p.add_argument("--validation", action="append", default=None,
                    help="validation traces, one per --traces (default: the last fifth of each)")  # fmt: skip
@@ -63,7 +65,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def load_config(args: argparse.Namespace, run_dir: Path) -> ImitationConfig:
-    path = run_dir / "config.json" if args.resume else Path(args.config)
+    saved = run_dir / "config.json" if args.resume else DEFAULT_CONFIG
+    path = Path(args.config) if args.config else saved
     overrides = {name: getattr(args, name) for name in ("rounds", "epochs", "seed")}
     return configs.load_config(ImitationConfig, path, overrides, positive=("rounds", "epochs"))
 
@@ -104,7 +107,7 @@ def _main(argv: list[str] | None) -> int:
             training.append((part, tables))
             validation.append((spec, held, tables))
         run_dir.mkdir(parents=True, exist_ok=True)
-        if not args.resume:
+        if not args.resume or args.config:  # a resumed run keeps the config it continued with
             (run_dir / "config.json").write_text(json.dumps(asdict(config), indent=1) + "\n")
             (run_dir / "traces.json").write_text(json.dumps({"traces": specs, "validation": validation_specs}))
         with (run_dir / "command.txt").open("a") as f:
@@ -114,6 +117,8 @@ def _main(argv: list[str] | None) -> int:
         history: list[dict] = []
         if args.resume:
             start, net, history = load_round(run_dir)
+            scored = [h for h in history if not math.isnan(h["mean_gap"])]
+            best = max(scored, key=lambda h: h["mean_gap"])["round"] if scored else None  # best.pt's round
         pool = load_pool(run_dir) if start else None
         writer = SummaryWriter(str(run_dir / "tb"))
         logfile = (run_dir / "log.txt").open("a")

@@ -27,110 +27,31 @@ signal dropout shows the scorer both states, so one checkpoint is good with and 
 from __future__ import annotations
 
 import math
-import zlib
 from collections.abc import Collection
-from dataclasses import dataclass
 
 import numpy as np
 
+# the columns, constants and tables are the library's (the same definitions); what is kept is the old rules below
+from agents.candidate_features import (
+    _LOG_SCALE,
+    FAST,
+    FEATURES,
+    GAP_COLUMNS,
+    HIDEABLE,
+    HISTORY_COLUMNS,
+    LONG,
+    NEVER,
+    NUM_FEATURES,
+    REPEAT,
+    REPEAT_COLUMNS,
+    SLOW,
+    SMOOTHING,
+    VLONG,
+    WINDOW,
+    ModelTables,
+    event_token,
+)
 from moe_env.policy import CacheView, ModelSpec, RouteEvent
-
-FEATURES: tuple[str, ...] = (
-    "recency",  # log tokens since last use (1 = never / very long ago)
-    "seq_count",  # log uses this sequence
-    "decay_fast",  # uses decayed by 0.5 per token
-    "decay_slow",  # uses decayed by 0.9 per token, scaled by 0.1
-    "window",  # share of the last WINDOW tokens that used it
-    "seq_share",  # uses / tokens this sequence, 1 = uniform
-    "long_share",  # deployment-wide share of this layer's uses, 1 = uniform
-    "transition",  # log odds-ratio of P(e at t+1 | experts of this layer at t) against uniform
-    "coactivation",  # same for P(e at l | experts of layer l-1 at this token)
-    "token",  # same for P(e at l | token t)
-    "token_missing",
-    "token_next",  # same for P(e at l at step t+1 | token t): the input token says what the next one routes to
-    "gate_prob",  # the router's probability at this layer's latest step
-    "gate_missing",
-    "lookahead_prob",  # probability from the previous layer's lookahead logits at this step
-    "lookahead_missing",
-    "last_weight",  # gate weight at its last use
-    "weight_missing",
-    "previous_token",  # used by this layer at the previous token
-    "resident_age",  # log tokens since it was loaded
-    "layer_position",  # l / (L - 1)
-    "first_layer",  # no previous layer: co-activation is unavailable
-    "budget",  # capacity / E
-    "top_k_per_slot",  # k / capacity
-    # added after the first shipped checkpoints (a checkpoint trained on a prefix of these loads: see set_scorer)
-    "seq_tokens",  # log tokens seen this sequence at this layer: how much evidence seq_share / seq_count carry
-    "decay_long",  # uses decayed by 0.98 per token, scaled by 0.02: a ~50-token window, between slow and seq
-    "transition_mix",  # log odds-ratio of the mixture of P(e at t+1 | j) over j, weighted by j's decay_slow
-    # reuse history (LRB-style): the last GAPS inter-arrival gaps of this (layer, expert), in tokens
-    "gap_1",  # log gap between its last two uses (1 = fewer than two uses this sequence)
-    "gap_2",  # the gap before that
-    "gap_3",
-    "gap_4",
-    "gap_mean",  # log mean of its known gaps (1 = none)
-    "overdue",  # log (tokens since last use + 1) / (mean gap + 1), scaled: > 0 = later than its habit (0 = no gap)
-    "decay_vlong",  # uses decayed by 0.995 per token, scaled by 0.005: a ~200-token window
-    # repeats (an induction-head guess): text repeats, and so does its routing. s = the latest earlier step of this
-    # sequence whose input token equals the current one; the tokens after s are a guess at the tokens after t
-    "repeat_next",  # used by this layer at step s + 1
-    "repeat_soon",  # sum over k = 1..REPEAT of 0.5^(k-1) [used by this layer at step s + k], s + k <= t
-    "repeat_bigram",  # the tokens before s and before t match too (a longer match: a likelier repeat)
-    "repeat_missing",  # the current token has no earlier occurrence in this sequence (or the trace has no tokens)
-)
-NUM_FEATURES = len(FEATURES)
-# columns added for the eviction scorer after the prefetch predictor's were fixed (agents/set_predictor.py leaves
-# them out, so its checkpoints keep their width)
-EVICTION_COLUMNS: tuple[str, ...] = (
-    "seq_tokens", "decay_long", "transition_mix", "gap_1", "gap_2", "gap_3", "gap_4", "gap_mean", "overdue",
-    "decay_vlong", "repeat_next", "repeat_soon", "repeat_bigram", "repeat_missing",
-)
-GAP_COLUMNS: tuple[str, ...] = ("gap_1", "gap_2", "gap_3", "gap_4")
-# columns computed only for a caller that reads them (the rest of the row costs little): zero otherwise
-HISTORY_COLUMNS: tuple[str, ...] = (*GAP_COLUMNS, "gap_mean", "overdue")
-REPEAT_COLUMNS: tuple[str, ...] = ("repeat_next", "repeat_soon", "repeat_bigram", "repeat_missing")
-HIDEABLE: tuple[str, ...] = ("tokens", "gate weights", "gate logits", "lookahead")
-WINDOW = 8
-REPEAT = 4  # steps after the earlier occurrence that repeat_soon looks at
-FAST, SLOW, LONG, VLONG = 0.5, 0.9, 0.98, 0.995
-NEVER = -(10**6)  # the step of a use that never happened
-SMOOTHING = 2.0  # virtual observations (at the layer's long-run share) behind each conditional estimate
-_LOG_SCALE = 1.0 / math.log(257.0)
-
-
-def token_key(token: int | str | None) -> int | None:
-    """The key of a token in the token tables: an int token id as is, a string by a stable hash."""
-    if token is None:
-        return None
-    if isinstance(token, str):
-        return zlib.crc32(token.encode("utf-8")) & 0x7FFFFFFF
-    value = int(token)
-    return value if value >= 0 else None
-
-
-def event_token(event: RouteEvent) -> int | None:
-    """The input token of the event's forward pass, when the driver knows it (``event.extra['token']``)."""
-    return token_key(event.extra.get("token")) if event.extra else None
-
-
-@dataclass
-class ModelTables:
-    """Prior statistics of one model, learned from a training split: counts that warm-start the online ones."""
-
-    num_layers: int
-    num_experts: int
-    top_k: int
-    popularity: np.ndarray  # [L, E] uses
-    transition: np.ndarray  # [L, E, E] (e at t, e' at t+1) counts, same layer
-    coactivation: np.ndarray  # [L, E, E] (e at l-1, e' at l) counts, same token
-    token_keys: np.ndarray  # [V] int64
-    token_counts: np.ndarray  # [V, L, E] uses by the tokens' own forward passes
-    next_counts: np.ndarray | None = None  # [V, L, E] uses by the forward pass AFTER each token's
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        return (self.num_layers, self.num_experts, self.top_k)
 
 
 class CandidateFeatures:
@@ -358,8 +279,8 @@ class CandidateFeatures:
         out[:, c["transition"]] = self._conditional(self.transition, self.current[layer], layer, prior)
         out[:, c["transition_mix"]] = self._mixture(self.transition[layer], self.slow[layer], prior)
         first = not (layer > 0 and self.current_step[layer - 1] == step)  # layer l-1 has routed this token
-        out[:, c["coactivation"]] = 0.0 if first else self._conditional(
-            self.coactivation, self.current[layer - 1], layer, prior
+        out[:, c["coactivation"]] = (
+            0.0 if first else self._conditional(self.coactivation, self.current[layer - 1], layer, prior)
         )
         out[:, c["first_layer"]] = float(first)
         counts = None if self.token is None else self.token_counts.get(self.token)

@@ -169,7 +169,7 @@ class ReplayVectorEnv(VectorEnv):
         obs_shape, action_shape = self.single_observation_space.shape, self.single_action_space.shape
         self._buffers = {
             "obs": _shared((num_envs, *obs_shape), np.float32),
-            "actions": _shared((num_envs, *action_shape), np.float32),
+            "actions": _shared((num_envs, *action_shape), np.float64),  # as given: a float32 copy could break ties
             "rewards": _shared((num_envs,), np.float64),
             "terminated": _shared((num_envs,), np.bool_),
             "truncated": _shared((num_envs,), np.bool_),
@@ -225,9 +225,12 @@ class ReplayVectorEnv(VectorEnv):
         return self._arrays["obs"].copy(), infos
 
     def step(self, actions):
-        if np.shape(actions) != self.action_space.shape:
-            raise InvalidArgument(f"actions must have shape {self.action_space.shape}, got {np.shape(actions)}")
-        self._arrays["actions"][:] = actions
+        array = np.asarray(actions)
+        if array.shape != self.action_space.shape:
+            raise InvalidArgument(f"actions must have shape {self.action_space.shape}, got {array.shape}")
+        if array.dtype.kind not in "fiu":  # before the copy, which would convert strings and bools silently
+            raise InvalidArgument(f"actions must hold real numbers, got dtype {array.dtype}")
+        self._arrays["actions"][:] = array  # NaN and inf are refused by the lanes (checked_action's rules)
         infos = self._run("step")
         a = self._arrays
         flags = a["terminated"].copy(), a["truncated"].copy()

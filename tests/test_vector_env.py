@@ -155,6 +155,13 @@ def test_bad_actions_are_refused_with_a_clear_error(trace):
         vector.step(bad)
     with pytest.raises(InvalidArgument, match="shape"):
         vector.step(np.zeros((2, 5), dtype=np.float32))
+    for wrong in (bad.astype(str), bad > 0):  # strings and bools are refused, not converted
+        with pytest.raises(InvalidArgument, match="real numbers"):
+            vector.step(wrong)
+    huge = np.zeros(vector.action_space.shape)
+    huge[0, 0] = np.inf
+    with pytest.raises(InvalidArgument, match="NaN or inf"):
+        vector.step(huge)
     with pytest.raises(UsageError, match="one per lane"):
         vector.reset(seed=[1, 2, 3])
     vector.close()

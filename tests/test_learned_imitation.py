@@ -223,6 +223,7 @@ def test_train_script_runs_resumes_and_refuses_bad_input(trace, tmp_path, capsys
                                     "beta_schedule": [1.0, 0.0]}))  # fmt: skip
     assert script.main(["--run-dir", str(run), "--resume", "--config", str(extended), *common[:4]]) == 0
     assert json.loads((run / "config.json").read_text())["beta_schedule"] == [1.0, 0.0]
+    assert json.loads((run / "config-before-resume-1.json").read_text())["beta_schedule"] is None
     summary = json.loads((run / "summary.json").read_text())
     assert [r["round"] for r in summary["rounds"]] == [0, 1, 2]
     best = max(summary["rounds"], key=lambda r: r["mean_gap"])["round"]
@@ -230,6 +231,12 @@ def test_train_script_runs_resumes_and_refuses_bad_input(trace, tmp_path, capsys
     assert (run / "best.pt").read_bytes() == (run / f"round-{best}.pt").read_bytes()
     assert simulate(trace, f"imitation:{run / 'best.pt'},tables={run / 'tables-0.npz'}", 3).hit_rate > 0
     capsys.readouterr()
+    wider = tmp_path / "wider.json"  # a resumed run may not change what its saved rounds were made of
+    wider.write_text(json.dumps({"rounds": 4, "epochs": 1, "hidden": 16, "max_decisions_per_round": 500}))
+    assert script.main(["--run-dir", str(run), "--resume", "--config", str(wider), *common[:4]]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "hidden" in err[0] and "start a new run" in err[0], err
+    assert json.loads((run / "config.json").read_text())["hidden"] == 8
     assert script.main(["--config", str(tmp_path / "missing.json"), *common[:4], "--run-dir", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "cannot read config" in err[0]

@@ -64,11 +64,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+# what a resumed run may change: how long and on whose states it goes on, never what the saved rounds were made of
+RESUMABLE = frozenset({"rounds", "epochs", "lr", "batch_size", "beta", "beta_schedule", "resample_sequences",
+                       "max_decisions_per_round"})  # fmt: skip
+
+
 def load_config(args: argparse.Namespace, run_dir: Path) -> ImitationConfig:
     saved = run_dir / "config.json" if args.resume else DEFAULT_CONFIG
     path = Path(args.config) if args.config else saved
     overrides = {name: getattr(args, name) for name in ("rounds", "epochs", "seed")}
-    return configs.load_config(ImitationConfig, path, overrides, positive=("rounds", "epochs"))
+    config = configs.load_config(ImitationConfig, path, overrides, positive=("rounds", "epochs"))
+    if args.resume and args.config:
+        before = asdict(configs.load_config(ImitationConfig, saved, {}, positive=()))
+        changed = sorted(k for k, v in asdict(config).items() if before[k] != v and k not in RESUMABLE)
+        if changed:
+            raise UsageError(f"--resume --config {path}: {', '.join(changed)} differ from the run's own "
+                             f"config.json; a resumed run may change only {', '.join(sorted(RESUMABLE))} (start a "
+                             "new run)")  # fmt: skip
+        kept = run_dir / f"config-before-resume-{len(list(run_dir.glob('config-before-resume-*.json'))) + 1}.json"
+        shutil.copyfile(saved, kept)  # the settings the earlier rounds were made with
+    return config
 
 
 def _main(argv: list[str] | None) -> int:

@@ -273,15 +273,6 @@ class CandidateFeatures:
             state.routed = _grow(state.routed, grown, 0)
             self._arrays = state.arrays()
 
-    def reserve_tokens(self, rows: int) -> None:
-        """Room for `rows` token rows (a replay maps its trace's tokens before its compiled loop runs)."""
-        state = self.state
-        if rows > len(state.token_counts):
-            state.token_counts = _grow(state.token_counts, rows, 0.0)
-            state.next_counts = _grow(state.next_counts, rows, 0.0)
-            state.token_last = _grow(state.token_last, rows, -1)
-            self._arrays = state.arrays()
-
     def changed(self) -> None:
         """The state was updated outside ``update`` (a compiled replay): rows cached before are stale."""
         self._version += 1

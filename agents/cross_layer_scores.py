@@ -72,6 +72,6 @@ class CrossLayerScores:
         self._scored_rows = rows
         self._row_of = np.cumsum(resident).reshape(resident.shape) - 1
         scores = np.zeros(resident.shape)
-        if len(rows):  # one call: its rounding may differ from a per-layer call's in the last bit
+        if len(rows):  # one call for every layer: the scorer scores each row on its own (scorer_kernel)
             scores[resident] = self.scorer(rows)
         return scores

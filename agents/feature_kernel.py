@@ -12,6 +12,9 @@ caller before a step past their end is updated.
 A value equals the former numpy code's to the last bit or within a few ulps: numba's exp/log/pow are libm's
 while numpy's may be its own SIMD ones, and a dot product sums in its own order (tests/test_feature_kernel.py
 holds the former code as its reference, at 1e-12).
+
+numba's on-disk cache is keyed by the defining file: after editing cache_kernel._pairwise_sum or this file's
+functions, the cached agents/scored_replay.py still embeds the old ones (delete its ``__pycache__`` entries).
 """
 
 from __future__ import annotations

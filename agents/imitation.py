@@ -124,10 +124,11 @@ class ImitationConfig:
                              "one per DAgger round")  # fmt: skip
 
     def beta_of(self, round_index: int) -> float:
-        """The oracle's share of DAgger round `round_index` (>= 1): its beta_schedule entry, else `beta`."""
+        """The oracle's share of DAgger round `round_index`: its beta_schedule entry (round 1 the first, the last
+        entry for every later round; a round 0 on the learner's states takes the first), else `beta`."""
         if not self.beta_schedule:
             return self.beta
-        return self.beta_schedule[min(round_index, len(self.beta_schedule)) - 1]
+        return self.beta_schedule[min(max(round_index, 1), len(self.beta_schedule)) - 1]
 
     @property
     def decisions(self) -> list[str]:

@@ -12,6 +12,10 @@ plug-in's own, so decisions are identical to the per-event path (tests/test_scor
 Sequences run one after another: the features' online statistics (long-run share, transitions, token tables)
 carry over from one sequence to the next, so the sequences of a cold replay are not independent for these
 policies, and no Python runs per decision, so there is no forward to batch across them.
+
+numba's on-disk cache (``cache=True``) is keyed by this file alone, while the machine code embeds what it calls
+(cache_kernel.advance, feature_kernel, scorer_kernel): after editing those, delete
+``agents/__pycache__/scored_replay.*`` (or touch this file); a fresh checkout compiles afresh.
 """
 
 from __future__ import annotations

@@ -521,7 +521,7 @@ def test_beta_schedule_decays_the_oracle_share_of_dagger_rounds(trace, checkpoin
     from moe_env.errors import UsageError
 
     config = ImitationConfig.from_dict({"beta": 0.3, "beta_schedule": [0.5, 0.25, 0.0]})
-    assert [config.beta_of(r) for r in (1, 2, 3, 4)] == [0.5, 0.25, 0.0, 0.0]
+    assert [config.beta_of(r) for r in (0, 1, 2, 3, 4)] == [0.5, 0.5, 0.25, 0.0, 0.0]
     assert ImitationConfig(beta=0.3).beta_of(2) == 0.3
     for bad in ([], [0.5, 1.5]):
         with pytest.raises(UsageError, match="beta_schedule"):

@@ -33,7 +33,7 @@ from moe_env.agents.ppo_train import train_ppo
 
 from moe_env.env import MoEOffloadEnv
 from moe_env.errors import UsageError
-from moe_env.sweep import import_ray
+from moe_env.sweep import LOCAL_RAY_SYSTEM_CONFIG, import_ray
 from moe_env.trace import Trace
 
 ENV_NAME = "moe_env/MoEOffload-v0"  # the Gymnasium id, registered under the same name for Ray workers
@@ -133,7 +133,7 @@ def run_tune(config: TuneConfig, base: PPOConfig, train: Trace, validation: Trac
     if config.address:
         ray.init(address=config.address, **options)
     else:
-        ray.init(num_cpus=config.workers, **options)
+        ray.init(num_cpus=config.workers, _system_config=LOCAL_RAY_SYSTEM_CONFIG, **options)
     try:
         register_replay_env()
         trainable = tune.with_resources(

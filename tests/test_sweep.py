@@ -105,6 +105,12 @@ def test_an_error_inside_a_ray_task_is_the_library_error(trace):
         with pytest.raises(UsageError, match="cache slots 99 outside") as caught:
             sweep.result(Cell("lru", "none", 99))
         assert type(caught.value) is UsageError  # not Ray's wrapper with a remote traceback in its text
+        # the local Ray's workers run at the caller's priority (Ray's default renices them by 15)
+        import os
+
+        import ray
+
+        assert ray.get(ray.remote(lambda: os.nice(0)).remote()) == os.nice(0)
     finally:
         runner.close()
 

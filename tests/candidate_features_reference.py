@@ -1,27 +1,7 @@
-"""The numpy CandidateFeatures as it was before its rules moved into agents/feature_kernel.py: kept unchanged as
+"""The numpy CandidateFeatures as it was before its rules moved into agents/feature_kernel.py: its rules kept as
 the reference that tests/test_feature_kernel.py holds the compiled rows to (every column, every event).
 
-Per-candidate features of the shape-agnostic set scorer: one row per (layer, expert), the same columns for
-every model, so one network scores candidates of any (layers, experts, top-k) with weights shared across experts
-and layers (as Parrot and LRB score cache lines).
-
-``CandidateFeatures`` is fed every RouteEvent (``update``) in route order and asked for the rows of some
-candidates of one layer (``rows``): all candidates of an eviction in one vectorised numpy call. Causality: at
-decode step t it knows the routing of steps <= t up to the current layer and token t (the input of step t, when
-the trace has tokens); never the future. Three kinds of state:
-
-- per sequence (reset by ``begin_sequence``): recency, counts, decayed and windowed counts, last gate weight,
-  the current and previous experts of each layer, gate and lookahead probabilities of the current step;
-- online statistics of the deployment, kept across sequences (learned while serving, never reset for the same
-  model): long-run share, same-layer transitions P(e at t+1 | experts at t), inter-layer co-activation
-  P(e at l | experts at l-1, same token), and a token -> expert table;
-- an optional prior (``ModelTables``, learned from a training split of the same model) that warm-starts those
-  online statistics; without it they start empty.
-
-Signals a trace may lack (gate weights, gate logits, lookahead logits, tokens) are zero with a "missing"
-indicator column, so a checkpoint trained where they exist still runs where they do not. ``begin_sequence(hidden=
-...)`` hides signals (names in HIDEABLE) for one sequence as if the trace lacked them: training with such
-signal dropout shows the scorer both states, so one checkpoint is good with and without them.
+What the features are, their causality and their kinds of state: agents/candidate_features.py's docstring.
 """
 
 from __future__ import annotations

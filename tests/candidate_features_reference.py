@@ -12,7 +12,7 @@ from collections.abc import Collection
 import numpy as np
 
 # the columns, constants and tables are the library's (the same definitions); what is kept is the old rules below
-from agents.candidate_features import (
+from moe_env.agents.candidate_features import (
     _LOG_SCALE,
     FAST,
     FEATURES,
@@ -31,6 +31,7 @@ from agents.candidate_features import (
     ModelTables,
     event_token,
 )
+
 from moe_env.policy import CacheView, ModelSpec, RouteEvent
 
 

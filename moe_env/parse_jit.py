@@ -9,7 +9,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-_SATURATE = 1 << 40  # absurdly long ids stop growing (the importer refuses anything above int16 anyway)
+SATURATE = 1 << 40  # absurdly long ids stop growing (the importer refuses anything above int16 anyway)
 
 
 @numba.njit(cache=True)
@@ -32,7 +32,7 @@ def int_lists(data, offsets, values):  # pragma: no cover - compiled
                 return row, big_row, big  # a number must start here
             value = 0
             while pos < end and 48 <= data[pos] <= 57:
-                value = min(value * 10 + (np.int64(data[pos]) - 48), _SATURATE)
+                value = min(value * 10 + (np.int64(data[pos]) - 48), SATURATE)
                 pos += 1
             if count == k or pos >= end:
                 return row, big_row, big

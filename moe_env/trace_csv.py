@@ -292,7 +292,7 @@ def parse_int_lists(strings: pa.Array | pa.ChunkedArray, where) -> np.ndarray:
     pass over them, chunk by chunk (no copy of the column; moe_env.parse_jit.int_lists: the grammar ``[D, D,
     ..., D]``, D digits, a comma and at most one space between them, and the first row's count in every row). A
     malformed row names ``where(row)``; so does the first row with an id that does not fit the trace format."""
-    from moe_env.parse_jit import int_lists  # numba: imported on the first CSV import only
+    from moe_env.parse_jit import SATURATE, int_lists  # numba: imported on the first CSV import only
 
     chunks = strings.chunks if isinstance(strings, pa.ChunkedArray) else [strings]
     chunks = [c if c.type in (pa.string(), pa.large_string()) else c.cast(pa.large_string()) for c in chunks]
@@ -311,11 +311,12 @@ def parse_int_lists(strings: pa.Array | pa.ChunkedArray, where) -> np.ndarray:
         width = np.int64 if chunk.type == pa.large_string() else np.int32
         offsets = np.frombuffer(offsets_buf, dtype=width)[chunk.offset : chunk.offset + rows + 1]
         data = np.frombuffer(data_buf, dtype=np.uint8) if data_buf is not None else np.zeros(0, dtype=np.uint8)
-        bad, big_row, _ = int_lists(data, offsets, values[base : base + rows])
+        bad, big_row, big = int_lists(data, offsets, values[base : base + rows])
         if bad >= 0:
             _malformed(chunk, int(bad), where, base, chunks[0])
         if big_row >= 0 and too_big is None:
-            too_big = base + int(big_row), max(int(v) for v in re.findall(r"\d+", chunk[int(big_row)].as_py()))
+            text = chunk[int(big_row)].as_py() if big >= SATURATE else ""  # the parser caps a huge id: read it
+            too_big = base + int(big_row), max([int(big)] + [int(v) for v in re.findall(r"\d+", text)])
         base += rows
     if too_big is not None:
         raise TraceFormatError(f"{where(too_big[0])}: expert id {too_big[1]} does not fit the trace format")

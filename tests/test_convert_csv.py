@@ -287,6 +287,8 @@ def test_expert_lists_parse_across_chunks() -> None:
         parse_int_lists(pa.chunked_array([pa.array(["[1, 2]", "[3, 4]"]), pa.array(["[5 6]"])]), str)
     with pytest.raises(TraceFormatError, match=r"^1: expert id 40000 does not fit the trace format$"):
         parse_int_lists(pa.chunked_array([pa.array(["[1, 2]"]), pa.array(["[3, 40000]", "[5, 6]"])]), str)
+    with pytest.raises(TraceFormatError, match=r"^0: expert id 123456789012345678901 does not fit the trace format$"):
+        parse_int_lists(pa.chunked_array([pa.array(["[123456789012345678901, 2]"])]), str)  # past the parser's cap
 
 
 def _per_file(monkeypatch, path: Path, name: str | None = None):

@@ -78,6 +78,9 @@ class ImitationConfig:
     # the oracle's share per DAgger round (round 1, 2, ...; the last entry for later rounds), Parrot's decaying
     # mix of the oracle's and the learner's states, e.g. [0.5, 0.25, 0.0]; None: `beta` every round
     beta_schedule: list[float] | None = None
+    # the model widths (num_experts) whose traces the DAgger rounds replay; the others keep their round-0 decisions
+    # only (a model with one short training sequence is hurt by its learner states: README); None: every trace
+    learner_experts: list[int] | None = None
     epochs: int = 8
     lr: float = 3e-3
     batch_size: int = 512
@@ -129,6 +132,10 @@ class ImitationConfig:
         if not self.beta_schedule:
             return self.beta
         return self.beta_schedule[min(max(round_index, 1), len(self.beta_schedule)) - 1]
+
+    def replays_learner(self, trace: Trace) -> bool:
+        """Whether the DAgger rounds (after round 0) collect decisions on `trace` (learner_experts)."""
+        return self.learner_experts is None or trace.meta.num_experts in self.learner_experts
 
     @property
     def decisions(self) -> list[str]:
@@ -445,10 +452,15 @@ def dagger(
         beta = config.beta_of(round_index) if behaviour == "learner" else 0.0
         parts = []
         agreements = []
-        for i, (trace, tables) in enumerate(traces):
+        replayed = [(i, pair) for i, pair in enumerate(traces) if round_index == 0 or config.replays_learner(pair[0])]
+        if not replayed:
+            widths = sorted({t.meta.num_experts for t, _ in traces})
+            raise UsageError(f"imitation config: learner_experts {config.learner_experts} names no training trace's "
+                             f"width (they have {widths} experts); list one of them or drop the field")  # fmt: skip
+        for i, (trace, tables) in replayed:
             trace = round_sequences(trace, config, round_index, i)
             kinds = config.decisions
-            budget = config.max_decisions_per_round // (len(traces) * len(kinds))
+            budget = config.max_decisions_per_round // (len(replayed) * len(kinds))
             seed = config.seed + 7919 * round_index + i
             used = tables if config.use_tables else None
             for kind in kinds:

@@ -566,3 +566,34 @@ def test_rounds_replay_round_zeros_sequences_unless_resampled(trace):
     assert drawn[0] == drawn[1] == drawn[2] and len(drawn[0]) == 5
     assert [id(s) for s in round_sequences(wide, fresh, 0, 0).sequences] == drawn[0]
     assert any([id(s) for s in round_sequences(wide, fresh, r, 0).sequences] != drawn[0] for r in (1, 2))
+
+
+def test_learner_experts_limits_dagger_rounds_to_the_named_widths(trace, monkeypatch):
+    """learner_experts: round 0 collects on every training trace, later rounds only on traces of the named widths
+    (the others keep their round-0 decisions); a width no trace has is refused in one line."""
+    import moe_env.agents.imitation as imitation
+
+    from moe_env.errors import UsageError
+
+    other = synthetic_trace(sequences=2, steps=20, layers=2, experts=6, top_k=2)
+    seen: list[tuple[int, int]] = []  # (round, num_experts) of every collection
+    real_collect = imitation.collect
+
+    def spy(trace_, capacities, behaviour, *args, **kwargs):
+        seen.append((0 if behaviour == "lru" else 1, trace_.meta.num_experts))
+        return real_collect(trace_, capacities, behaviour, *args, **kwargs)
+
+    monkeypatch.setattr(imitation, "collect", spy)
+    config = ImitationConfig(rounds=2, capacities=[3], max_decisions_per_round=200, hidden=8, epochs=1,
+                             beta_schedule=[0.0], learner_experts=[8])  # fmt: skip
+
+    def run(traces, **changes):
+        seen.clear()
+        score = lambda net, r: imitation.RoundResult(r, "", 0, 0, math.nan)  # noqa: E731
+        imitation.dagger(traces, [], replace(config, **changes), score, log=lambda line: None)
+        return list(seen)
+
+    assert run([(trace, None), (other, None)]) == [(0, 8), (0, 6), (1, 8)]
+    assert run([(trace, None), (other, None)], learner_experts=None) == [(0, 8), (0, 6), (1, 8), (1, 6)]
+    with pytest.raises(UsageError, match="learner_experts \\[64\\] names no training trace's width"):
+        run([(trace, None)], learner_experts=[64])

@@ -66,7 +66,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 # what a resumed run may change: how long and on whose states it goes on, never what the saved rounds were made of
 RESUMABLE = frozenset({"rounds", "epochs", "lr", "batch_size", "beta", "beta_schedule", "resample_sequences",
-                       "max_decisions_per_round"})  # fmt: skip
+                       "max_decisions_per_round", "learner_experts"})  # fmt: skip
 
 
 def load_config(args: argparse.Namespace, run_dir: Path) -> ImitationConfig:

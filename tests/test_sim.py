@@ -308,6 +308,7 @@ def test_bench_table_plots_and_memory_at_equal_hit_rate(saved_trace, tmp_path, c
     oracle = bench.iso_hit_rate("lru", "oracle", 3)
     lru_stall = bench.result("lru", "none", 3).stall_s_per_token
     assert bench.result("lru", "oracle", oracle.slots_needed).stall_s_per_token <= lru_stall
+    assert oracle.target() == f"{1e3 * lru_stall:.2f} ms/token" and iso.target() == f"{iso.lru_hit_rate:.3f}"
 
 
 @pytest.mark.parametrize(

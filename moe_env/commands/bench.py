@@ -107,6 +107,13 @@ class IsoHitRate:
     lru_hit_rate: float
     slots_needed: int | None
     bytes_saved: int | None
+    lru_stall_s_per_token: float = float("nan")  # the target of a prefetching combo (see iso_hit_rates)
+
+    def target(self) -> str:
+        """What the search matched: LRU's hit rate, or with a prefetcher LRU's stall per token."""
+        if self.prefetch == "none":
+            return f"{self.lru_hit_rate:.3f}"
+        return f"{1e3 * self.lru_stall_s_per_token:.2f} ms/token"
 
 
 class Bench:
@@ -170,7 +177,8 @@ class Bench:
         for policy, prefetch in combos:
             needed = found[(policy, prefetch)]
             saved = None if needed is None else (reference - needed) * meta.num_layers * self.cost.expert_bytes
-            rows.append(IsoHitRate(self.label, policy, prefetch, reference, lru.hit_rate, needed, saved))
+            rows.append(IsoHitRate(self.label, policy, prefetch, reference, lru.hit_rate, needed, saved,
+                                   lru.stall_s_per_token))  # fmt: skip
         return rows
 
 
@@ -283,7 +291,7 @@ def print_iso(iso: list[IsoHitRate], benches: list[Bench]) -> None:
         needed = "never" if item.slots_needed is None else f"{item.slots_needed} slots"
         saved = "-" if item.bytes_saved is None else f"{item.bytes_saved / 1e9:+.2f} GB saved"
         print(
-            f"  {item.trace}  {item.policy:<24} {item.prefetch:<10} target {item.lru_hit_rate:.3f}: {needed}, {saved}"
+            f"  {item.trace}  {item.policy:<24} {item.prefetch:<10} target {item.target()}: {needed}, {saved}"
         )
 
 

@@ -11,16 +11,14 @@ all residents are scored in one call. The rows equal CandidateFeatures.layer_row
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 from moe_env.agents.candidate_features import FEATURES, NUM_FEATURES, CandidateFeatures
+from moe_env.agents.feature_kernel import resident_ages_into
 from moe_env.agents.set_scorer import NumpyScorer
 
 from moe_env.policy import CacheView
 
 _AGE = FEATURES.index("resident_age")
-_LOG_SCALE = 1.0 / math.log(257.0)  # candidate_features' scale of log-token columns
 
 
 class CrossLayerScores:
@@ -67,8 +65,9 @@ class CrossLayerScores:
         resident = loaded >= 0
         rows = self._rows[resident]
         per_token = spec.num_layers * spec.top_k
-        age = np.maximum(features.clock - loaded[resident], 0) / per_token
-        rows[:, _AGE] = np.minimum(np.log1p(age) * _LOG_SCALE, 1.0)
+        ages = np.empty(len(rows))
+        resident_ages_into(features.clock, loaded[resident], per_token, ages)
+        rows[:, _AGE] = ages
         self._scored_rows = rows
         self._row_of = np.cumsum(resident).reshape(resident.shape) - 1
         scores = np.zeros(resident.shape)

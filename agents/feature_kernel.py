@@ -225,6 +225,19 @@ def _log_odds(table, given, g, prior, totals_out, k, uniform, ids, n, out, colum
 
 
 @numba.njit(cache=True, error_model="numpy")
+def resident_age(clock, loaded, per_token):  # pragma: no cover - compiled
+    """The resident_age column: log tokens since the expert was loaded at cache clock `loaded`."""
+    return min(math.log1p(max(clock - loaded, 0) / per_token) * LOG_SCALE, 1.0)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def resident_ages_into(clock, loaded, per_token, out):  # pragma: no cover - compiled
+    """out[i] = resident_age of loaded[i]: the same compiled log1p as the rows (numpy's own may differ by an ulp)."""
+    for i in range(loaded.size):
+        out[i] = resident_age(clock, loaded[i], per_token)
+
+
+@numba.njit(cache=True, error_model="numpy")
 def candidate_rows(state, layer, ids, n, slots, capacity, top_k, loaded, history_columns, repeat_columns,
                    out):  # pragma: no cover - compiled  # fmt: skip
     """Rows [n, NUM_COLUMNS] of experts ids[:n] of `layer` into out[:n] (CandidateFeatures.layer_rows' columns).
@@ -368,5 +381,5 @@ def candidate_rows(state, layer, ids, n, slots, capacity, top_k, loaded, history
         row[LAST_WEIGHT] = values[WEIGHT, layer, e]
         row[WEIGHT_MISSING] = 0.0 if has_weight else 1.0
         row[PREVIOUS_TOKEN] = values[PREVIOUS, layer, e]
-        row[RESIDENT_AGE] = min(math.log1p(max(clock - loaded[e], 0) / per_token) * LOG_SCALE, 1.0)
+        row[RESIDENT_AGE] = resident_age(clock, loaded[e], per_token)
         row[LAYER_POSITION] = position

@@ -120,7 +120,7 @@ def _main(argv: list[str] | None) -> int:
                 run_dir.mkdir(parents=True, exist_ok=True)
                 save_tables(tables, tables_path, model=part.meta.model)
             training.append((part, tables))
-            validation.append((spec, held, tables))
+            validation.append((validation_specs[i] if validation_specs else spec, held, tables))  # the label
         run_dir.mkdir(parents=True, exist_ok=True)
         if not args.resume or args.config:  # a resumed run keeps the config it continued with
             (run_dir / "config.json").write_text(json.dumps(asdict(config), indent=1) + "\n")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ from moe_env.agents.imitation import (
     save_imitation,
 )
 from moe_env.agents.model_tables import build_tables, load_tables, save_tables
-from moe_env.agents.set_scorer import CLIP, Decisions, NumpyScorer, agreement, fit_scorer
+from moe_env.agents.set_scorer import CLIP, Decisions, NumpyScorer, SetScorerNet, agreement, fit_scorer
 from script_modules import load_script
 from test_env import synthetic_trace
 
@@ -323,23 +324,31 @@ def test_budgets_per_model_width():
     assert capacities_for(wide, config) == [8, 16, 32]
 
 
+def narrow_checkpoint(data: Decisions, columns: list[str], path: Path) -> tuple[SetScorerNet, Path]:
+    """A scorer fit on the named columns only, saved as a checkpoint trained before the others existed."""
+    from moe_env.agents.checkpoint import load_checkpoint, save_checkpoint
+
+    index = [FEATURES.index(name) for name in columns]
+    net = fit_scorer(Decisions(data.rows[:, index], data.target, data.offsets), hidden=8, epochs=2, lr=1e-2,
+                     batch=64, seed=0)  # fmt: skip
+    save_imitation(net, ImitationConfig(hidden=8), ["synthetic"], path, {"needs": []})
+    ckpt = load_checkpoint(path, "imitation")
+    ckpt.config["features"] = columns
+    ckpt.obs_size = len(columns)
+    return net, save_checkpoint(ckpt, path)
+
+
 def test_checkpoint_of_fewer_columns_loads_and_scores_as_trained(trace, tmp_path):
     """A checkpoint trained before columns were added (its features a subset of ours) scores our wider rows
     exactly as it scored its own; one naming a column we do not compute is refused with one line."""
     from moe_env.agents.checkpoint import load_checkpoint, save_checkpoint
     from moe_env.agents.imitation import load_scorer_net
-    from moe_env.agents.set_scorer import SetScorerNet
 
     data, _ = collect(trace, [3, 4], "lru", None, 0.0, 2000, None, seed=0)
     old = list(FEATURES[: FEATURES.index("seq_tokens")])  # the columns of the first shipped checkpoints
     columns = [FEATURES.index(name) for name in old]
-    narrow = fit_scorer(Decisions(data.rows[:, columns], data.target, data.offsets), hidden=8, epochs=2, lr=1e-2,
-                        batch=64, seed=0)  # fmt: skip
-    path = save_imitation(narrow, ImitationConfig(hidden=8), ["synthetic"], tmp_path / "old.pt", {"needs": []})
+    narrow, path = narrow_checkpoint(data, old, tmp_path / "old.pt")
     ckpt = load_checkpoint(path, "imitation")
-    ckpt.config["features"] = old
-    ckpt.obs_size = len(old)
-    path = save_checkpoint(ckpt, tmp_path / "old.pt")
     wide = load_scorer_net(load_checkpoint(path, "imitation"), str(path))
     assert isinstance(wide, SetScorerNet) and wide.mean.shape == (len(FEATURES),)
     rows = data.rows[:200].astype(np.float64)
@@ -500,12 +509,15 @@ def test_ignored_features_are_zeroed_in_training_and_unknown_names_refused(trace
     np.testing.assert_allclose(scorer(moved), scorer(rows), atol=1e-4)  # the ignored std scales it by 1e-6
 
 
-def test_a_checkpoint_trained_before_the_history_columns_does_not_compute_them(trace):
-    """The shipped checkpoint predates the reuse-history and repeat columns: its policy skips computing them and
-    evicts exactly as with them computed (its widened scorer gives them zero weight)."""
+def test_a_checkpoint_trained_before_the_history_columns_does_not_compute_them(trace, tmp_path):
+    """A checkpoint that predates the reuse-history and repeat columns (as ppo.pt, and imitation.pt until it was
+    reshipped): its policy skips computing them and evicts exactly as with them computed (its widened scorer
+    gives them zero weight)."""
     from moe_env.agents.imitation import replay
 
-    lean, full = ImitationPolicy(), ImitationPolicy()
+    data, _ = collect(trace, [3, 4], "lru", None, 0.0, 2000, None, seed=0)
+    _, path = narrow_checkpoint(data, list(FEATURES[: FEATURES.index("gap_1")]), tmp_path / "before.pt")
+    lean, full = ImitationPolicy(path, "none"), ImitationPolicy(path, "none")
     full.columns = None
     assert "gap_1" not in lean.columns
     lean_result, full_result = replay(trace, lean, 4), replay(trace, full, 4)

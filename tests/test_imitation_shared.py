@@ -217,7 +217,7 @@ def test_the_shipped_shared_checkpoint_runs_under_every_allocation():
     dropout), and runs in a shared pool and per layer on shapes it was not trained on."""
     policy = make_policy("imitation-shared")
     assert policy.ranks_across_layers and policy.needs == []
-    assert load_checkpoint(policy.path, "imitation").config["decisions"] == ["shared"]
+    assert "shared" in load_checkpoint(policy.path, "imitation").config["decisions"]  # shared, or both kinds
     for spec in ("builtin:tiny-mixtral/eval#0", "builtin:tiny-olmoe/eval#0"):
         from moe_env.trace import load_trace
 

@@ -510,9 +510,9 @@ def test_ignored_features_are_zeroed_in_training_and_unknown_names_refused(trace
 
 
 def test_a_checkpoint_trained_before_the_history_columns_does_not_compute_them(trace, tmp_path):
-    """A checkpoint that predates the reuse-history and repeat columns (as ppo.pt, and imitation.pt until it was
-    reshipped): its policy skips computing them and evicts exactly as with them computed (its widened scorer
-    gives them zero weight)."""
+    """A checkpoint that predates the reuse-history and repeat columns (as those shipped before f796349): its
+    policy skips computing them and evicts exactly as with them computed (its widened scorer gives them zero
+    weight)."""
     from moe_env.agents.imitation import replay
 
     data, _ = collect(trace, [3, 4], "lru", None, 0.0, 2000, None, seed=0)
